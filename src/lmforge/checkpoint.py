@@ -1,0 +1,101 @@
+"""The run directory: the unit users pass around.
+
+RUN/config.json (model kind + hyper-parameters), RUN/model.safetensors (weights),
+RUN/tokenizer.json. Every file is written atomically, so an interrupted save leaves the
+previous checkpoint intact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safetensors.torch import load_file, save_file
+
+from .errors import LMForgeError
+from .fileio import atomic_path, read_json, write_json
+from .models import build_model
+from .tokenizers import load_tokenizer
+
+RUN_FORMAT = "lmforge-run"
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights to save: tied tensors once (under their first name), contiguous."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen and t.numel() > 0:
+            continue
+        seen.add(t.data_ptr())
+        out[name] = t.detach().contiguous()
+    return out
+
+
+def save_weights(path: str | Path, model: torch.nn.Module) -> None:
+    with atomic_path(path) as tmp:
+        save_file(model_state(model), str(tmp), metadata={"format": "pt"})
+
+
+def load_weights(path: str | Path, model: torch.nn.Module) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise LMForgeError(f"weights not found: {path}")
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for a bad header
+        raise LMForgeError(f"{path} is not a readable safetensors file ({e}); the checkpoint is corrupt")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {n for n in missing if _is_tied(model, n)}
+    missing = [n for n in missing if n not in tied]
+    if missing or unexpected:
+        raise LMForgeError(f"{path} does not match the model in config.json "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def _is_tied(model: torch.nn.Module, name: str) -> bool:
+    tensor = model.state_dict()[name]
+    return any(other is not name and t.data_ptr() == tensor.data_ptr()
+               for other, t in model.state_dict().items() if other != name)
+
+
+def save_run(run_dir: str | Path, model: torch.nn.Module, tokenizer, extra: dict[str, Any] | None = None) -> None:
+    """Write config.json, model.safetensors and tokenizer.json (each atomically)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_weights(run_dir / "model.safetensors", model)
+    tokenizer.save(run_dir / "tokenizer.json")
+    config = {"format": RUN_FORMAT, "version": 1, "model": model.kind,
+              "model_config": model.config.to_dict(), **(extra or {})}
+    write_json(run_dir / "config.json", config)
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise LMForgeError(f"run directory not found: {run_dir}")
+    cfg = read_json(run_dir / "config.json", "run config")
+    if not isinstance(cfg, dict) or cfg.get("format") != RUN_FORMAT:
+        raise LMForgeError(f"{run_dir}/config.json is not an lmforge run config")
+    return cfg
+
+
+def load_run(run_dir: str | Path, adapter: str | Path | None = None,
+             device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Rebuild the model and tokenizer saved in a run directory, optionally with a LoRA
+    adapter applied (not merged). Returns (model, tokenizer); the model is in eval mode."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    model = build_model(cfg["model"], cfg["model_config"])
+    load_weights(run_dir / "model.safetensors", model)
+    if adapter is not None:
+        from .adapters import load_adapter
+
+        load_adapter(model, adapter, base_config=cfg)
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    model.to(device=device)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.eval()
+    return model, tokenizer

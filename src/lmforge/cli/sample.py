@@ -1,0 +1,63 @@
+"""`lmforge sample`: generate text from a trained run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub) -> None:
+    from .common import add_device_args, add_sampling_args
+
+    p = sub.add_parser("sample", help="generate text from a run",
+                       description="Continue a prompt with a trained model.")
+    p.add_argument("--run", required=True, metavar="RUN", help="run directory")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="apply a LoRA adapter without merging")
+    p.add_argument("--prompt", default="", help="text to continue (default: start from scratch)")
+    add_sampling_args(p)
+    p.add_argument("--num-samples", type=int, default=1, help="independent continuations (default 1)")
+    p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop a sample at any of these strings")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    add_device_args(p)
+    p.set_defaults(func=run)
+
+
+def load_for_inference(args: argparse.Namespace):
+    from .. import load
+    from .common import device_and_dtype
+
+    device, dtype = device_and_dtype(args)
+    adapter = getattr(args, "adapter", None)
+    if adapter:
+        return load(args.run, adapter=adapter, device=device, dtype=dtype)
+    return load(args.run, device=device, dtype=dtype)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import LMForgeError
+    from ..generate import stream
+
+    if args.num_samples < 1 or args.max_new_tokens < 0:
+        raise LMForgeError("--num-samples must be >= 1 and --max-new-tokens >= 0")
+    model, tok = load_for_inference(args)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, seed=args.seed, stop=args.stop)
+    if args.stream:
+        for i in range(args.num_samples):
+            if args.num_samples > 1:
+                print(f"--- sample {i + 1} ---")
+            seed = None if args.seed is None else args.seed + i
+            sys.stdout.write(args.prompt)
+            for pieces in stream(model, tok, args.prompt, **{**kw, "seed": seed}):
+                sys.stdout.write(pieces[0])
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        return 0
+    texts = [""] * args.num_samples
+    for pieces in stream(model, tok, args.prompt, num_samples=args.num_samples, **kw):
+        texts = [t + p for t, p in zip(texts, pieces)]
+    for i, text in enumerate(texts):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(args.prompt + text)
+    return 0

@@ -1,0 +1,149 @@
+"""GPT: a stack of decoder blocks that predicts the next token.
+
+token ids -> token embedding (+ positions) -> n_layer x Block -> final norm -> LM head -> logits.
+Each Block is pre-LN: x + attn(norm(x)), then x + mlp(norm(x)). The residual stream lets
+gradients flow straight to the bottom layers; the norms keep each sub-layer's input well scaled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import MLP, KVCache, LearnedPositions, MultiHeadAttention, RotaryEmbedding, SinusoidalPositions, make_norm
+from ..config import ConfigBase, check_choice
+
+
+@dataclass
+class GPTConfig(ConfigBase):
+    vocab_size: int = 50257
+    block_size: int = 1024  # longest context the model sees
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2: yes; Llama: no)
+    pos_encoding: str = "learned"  # learned | sinusoidal | rope
+    tie_embeddings: bool = True  # LM head shares the token-embedding matrix
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # gelu | swiglu
+    mlp_ratio: float = 4.0  # hidden width of the MLP as a multiple of n_embd
+    n_kv_head: int | None = None  # < n_head for grouped-query attention; None = n_head
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+
+    def validate(self) -> None:
+        check_choice("pos_encoding", self.pos_encoding, ("learned", "sinusoidal", "rope"))
+        check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        check_choice("mlp", self.mlp, ("gelu", "swiglu"))
+        self.check_heads(self.n_embd, self.n_head, self.n_kv_head)
+        self.check_positive("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
+            self.fail("rope needs an even head size (n_embd / n_head)")
+
+    @property
+    def mlp_hidden(self) -> int:
+        return 8 * math.ceil(self.mlp_ratio * self.n_embd / 8)  # rounded up to a multiple of 8
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
+        self.attn = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.bias, cfg.dropout,
+                                       causal=True, qk_norm=cfg.qk_norm, layer_idx=layer_idx)
+        self.ln_2 = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
+        self.mlp = MLP(cfg.n_embd, cfg.mlp_hidden, cfg.mlp, cfg.bias, cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope=rope, cache=cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    kind = "gpt"
+    config_class = GPTConfig
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate()
+        self.config = cfg = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions}.get(
+            cfg.pos_encoding, lambda *_: None)(cfg.block_size, cfg.n_embd)
+        self.rope = (RotaryEmbedding(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
+                     if cfg.pos_encoding == "rope" else None)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 n_layer),
+        # so the stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        if non_embedding and isinstance(self.pos_emb, LearnedPositions):
+            n -= self.pos_emb.weight.numel()
+        return n
+
+    def make_cache(self, batch: int, max_len: int | None = None,
+                   device=None, dtype: torch.dtype | None = None) -> KVCache:
+        cfg = self.config
+        ref = self.tok_emb.weight
+        return KVCache(cfg.n_layer, batch, cfg.n_kv_head or cfg.n_head, cfg.n_embd // cfg.n_head,
+                       max_len or cfg.block_size, device or ref.device, dtype or ref.dtype)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None):
+        """idx: (B, T) token ids. Returns logits (B, T, vocab); with `targets` (B, T) returns
+        (logits, mean cross-entropy), ignoring target positions equal to -1.
+        With a `cache`, idx holds only the new tokens, placed after the cached ones."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)
+        rope = self.rope(pos) if self.rope is not None else None
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope=rope, cache=cache)
+        if cache is not None:
+            cache.advance(T)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+        """Continue each row of idx (B, T); returns (B, T + max_new_tokens). Temperature 0 is
+        greedy. Uses a KV cache; once the context is longer than block_size, keeps the last
+        block_size tokens."""
+        from .decoding import generate_ids
+
+        return generate_ids(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, generator=generator, **kwargs)

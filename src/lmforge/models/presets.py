@@ -1,0 +1,46 @@
+"""Named starting points: a model shape plus the training settings that suit it.
+
+`char-tiny` and `shakespeare-small` follow nanoGPT's Shakespeare-character recipes (CPU and
+GPU sized); `gpt2` and `gpt2-medium` are GPT-2's shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import LMForgeError
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "char-tiny": {
+        "model": "gpt",
+        "model_config": dict(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
+        "train": dict(batch_size=12, max_iters=2000, learning_rate=1e-3, min_lr=1e-4,
+                      warmup_iters=100, beta2=0.99, eval_interval=250, eval_iters=20,
+                      log_interval=10),
+    },
+    "shakespeare-small": {
+        "model": "gpt",
+        "model_config": dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+        "train": dict(batch_size=64, max_iters=5000, learning_rate=1e-3, min_lr=1e-4,
+                      warmup_iters=100, beta2=0.99, eval_interval=250, eval_iters=200,
+                      log_interval=10),
+    },
+    "gpt2": {
+        "model": "gpt",
+        "model_config": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+        "train": dict(batch_size=12, learning_rate=6e-4, min_lr=6e-5, warmup_iters=2000,
+                      weight_decay=0.1, beta2=0.95, gradient_accumulation_steps=40),
+    },
+    "gpt2-medium": {
+        "model": "gpt",
+        "model_config": dict(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024),
+        "train": dict(batch_size=12, learning_rate=3e-4, min_lr=3e-5, warmup_iters=2000,
+                      weight_decay=0.1, beta2=0.95, gradient_accumulation_steps=40),
+    },
+}
+
+
+def get_preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise LMForgeError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    return {"model": p["model"], "model_config": dict(p["model_config"]), "train": dict(p.get("train", {}))}

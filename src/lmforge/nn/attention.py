@@ -1,0 +1,151 @@
+"""Scaled dot-product attention and the multi-head module used by every model.
+
+`attention_reference` is the formula written out; `MultiHeadAttention` uses PyTorch's fused
+`scaled_dot_product_attention`, and the tests check that the two agree."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .positional import apply_rotary
+
+
+def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean (t_q, t_k) mask, True where query i may look at key j.
+
+    Queries are the last t_q of the t_k positions (the rest sit in a KV cache), so query i
+    sits at position t_k - t_q + i and sees keys up to and including that position."""
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(Q K^T / sqrt(d_k)) V, literally.
+
+    q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs); mask: bool, broadcastable to (B, nh, Tq, Tk),
+    True = may attend. Dividing by sqrt(d_k) keeps the scores' variance near 1 whatever the
+    head size, so the softmax does not saturate into a one-hot and starve the gradients.
+    Returns the output (B, nh, Tq, hs) and the attention weights (B, nh, Tq, Tk)."""
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each K/V head serves several Q heads
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, nh, Tq, Tk)
+    if causal:
+        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    return weights @ v, weights
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, preallocated once for `max_len` positions
+    and every layer, so each decoding step only writes its own slot (no concatenation)."""
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, head_dim: int, max_len: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0  # number of positions filled, the same for every layer
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nkv, T, hs) after the cached positions; return all keys and values."""
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, {end} requested")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Called by the model once every layer has stored its n new positions."""
+        self.pos += n
+
+
+class MultiHeadAttention(nn.Module):
+    """Several attention heads side by side; their outputs are concatenated and mixed by `proj`
+    (W_O). Self-attention projects Q, K and V from `x` with one fused matrix `qkv`;
+    cross-attention (`cross=True`) takes Q from `x` (`q`) and K, V from the encoder output
+    (`kv`). With `n_kv_head < n_head`, groups of query heads share one K/V head (GQA)."""
+
+    def __init__(self, dim: int, n_head: int, n_kv_head: int | None = None, bias: bool = True,
+                 dropout: float = 0.0, causal: bool = True, cross: bool = False,
+                 qk_norm: bool = False, layer_idx: int = 0):
+        super().__init__()
+        n_kv_head = n_kv_head or n_head
+        assert dim % n_head == 0 and n_head % n_kv_head == 0
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
+        self.causal, self.cross, self.layer_idx = causal, cross, layer_idx
+        kv_dim = 2 * n_kv_head * self.head_dim
+        if cross:
+            self.q = nn.Linear(dim, dim, bias=bias)
+            self.kv = nn.Linear(dim, kv_dim, bias=bias)
+        else:
+            self.qkv = nn.Linear(dim, dim + kv_dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+        # QK-norm: normalise queries and keys per head, which keeps attention logits bounded.
+        self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+        self.record_weights = False  # set True to keep the last attention map (for inspection)
+        self.last_weights: torch.Tensor | None = None
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, hs)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x: (B, T, C). memory: (B, S, C), the encoder output, for cross-attention.
+        mask: bool broadcastable to (B, nh, T, S), True = may attend (e.g. padding).
+        rope: (cos, sin) for x's positions. cache: keys/values of earlier positions."""
+        B, T, C = x.shape
+        kv_dim = self.n_kv_head * self.head_dim
+        if self.cross:
+            q = self._heads(self.q(x), self.n_head)
+            k, v = self.kv(memory).split(kv_dim, dim=2)
+        else:
+            q, k, v = self.qkv(x).split([C, kv_dim, kv_dim], dim=2)
+            q = self._heads(q, self.n_head)  # (B, nh, T, hs)
+        k, v = self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)  # (B, nkv, S, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+
+        causal = self.causal and not self.cross
+        if self.record_weights:
+            y, w = attention_reference(q, k, v, causal=causal, mask=mask)
+            self.last_weights = w.detach()
+        else:
+            y = self._sdpa(q, k, v, causal, mask)
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+    def _sdpa(self, q, k, v, causal: bool, mask: torch.Tensor | None) -> torch.Tensor:
+        t_q, t_k = q.shape[2], k.shape[2]
+        is_causal = causal and mask is None and t_q == t_k  # the fused kernel's fast path
+        if causal and not is_causal and t_q > 1:
+            cm = causal_mask(t_q, t_k, q.device)
+            mask = cm if mask is None else mask & cm
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )

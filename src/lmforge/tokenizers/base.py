@@ -1,0 +1,132 @@
+"""What every lmforge tokenizer offers, and the JSON file format they share.
+
+A tokenizer file is one JSON object:
+
+    {"format": "lmforge-tokenizer", "version": 1, "kind": "bpe", ...kind-specific fields}
+
+`Tokenizer.load` / `Tokenizer.from_dict` read the header and hand the rest to the class
+registered for that "kind" (each subclass registers itself by setting `kind`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, Literal, TypeVar, Union
+
+from ..errors import LMForgeError
+from ..fileio import read_json, write_json
+
+FORMAT = "lmforge-tokenizer"
+VERSION = 1
+EOT = "<|endoftext|>"
+
+# "all": special-token text becomes the special id; "none": it is encoded as ordinary text;
+# a set: only those special tokens are recognised.
+AllowedSpecial = Union[Literal["all", "none"], "set[str]", "frozenset[str]"]
+
+T = TypeVar("T", bound="Tokenizer")
+_KINDS: dict[str, type[Tokenizer]] = {}
+
+
+class Tokenizer:
+    """Base class: text <-> list of token ids, saved as one JSON file."""
+
+    kind: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            _KINDS[cls.kind] = cls
+
+    # --- what a subclass implements -------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids: every id the tokenizer produces is in range(vocab_size)."""
+        raise NotImplementedError
+
+    @property
+    def eot_id(self) -> int | None:
+        """Id of `<|endoftext|>`, or None if the tokenizer has no such token."""
+        return None
+
+    def encode(self, text: str, allowed_special: AllowedSpecial = "all") -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def _fields(self) -> dict[str, Any]:
+        """The kind-specific part of `to_dict`."""
+        raise NotImplementedError
+
+    @classmethod
+    def _from_fields(cls: type[T], d: dict[str, Any]) -> T:
+        """Build from a dict whose header `from_dict` has already checked."""
+        raise NotImplementedError
+
+    # --- shared -----------------------------------------------------------------------------
+    def encode_batch(
+        self, texts: Sequence[str], allowed_special: AllowedSpecial = "all"
+    ) -> list[list[int]]:
+        return [self.encode(text, allowed_special) for text in texts]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "kind": self.kind, **self._fields()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the tokenizer as JSON; atomic, so a crash never leaves half a file."""
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls: type[T], d: Any) -> T:
+        """Rebuild a tokenizer from `to_dict()` output; on the base class, any kind."""
+        kind = check_header(d)
+        klass = _KINDS.get(kind)
+        if klass is None:
+            known = ", ".join(sorted(_KINDS))
+            raise LMForgeError(f"unknown tokenizer kind {kind!r} (known: {known}); is lmforge too old?")
+        if not issubclass(klass, cls):
+            raise LMForgeError(f"this is a {kind!r} tokenizer, not {cls.kind!r}; use load_tokenizer()")
+        return klass._from_fields(d)
+
+    @classmethod
+    def load(cls: type[T], path: str | os.PathLike) -> T:
+        d = read_json(path, what="tokenizer file")
+        try:
+            return cls.from_dict(d)
+        except LMForgeError as e:
+            raise LMForgeError(f"{path}: {e}") from None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+
+
+def check_header(d: Any) -> str:
+    """Check the format marker and version of a tokenizer dict; return its kind."""
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        if isinstance(d, dict) and "model" in d and ("added_tokens" in d or "pre_tokenizer" in d):
+            raise LMForgeError(
+                "this looks like a Hugging Face tokenizer.json, not an lmforge tokenizer file; "
+                "train one with `lmforge tokenizer train`"
+            )
+        raise LMForgeError(
+            f'not an lmforge tokenizer file (no "format": "{FORMAT}" marker); '
+            "create one with `lmforge tokenizer train`"
+        )
+    version = d.get("version")
+    if version != VERSION:
+        raise LMForgeError(
+            f"unsupported tokenizer file version {version!r} (this lmforge reads version {VERSION}); "
+            "upgrade lmforge or retrain the tokenizer"
+        )
+    kind = d.get("kind")
+    if not isinstance(kind, str):
+        raise LMForgeError('tokenizer file has no "kind" field; the file is corrupt')
+    return kind
+
+
+def as_id_list(ids: Iterable[int]) -> list[int]:
+    """Accept a list, a tuple, or a numpy array / torch tensor of ids (via `.tolist()`)."""
+    tolist = getattr(ids, "tolist", None)
+    return tolist() if tolist is not None else list(ids)

@@ -1,0 +1,210 @@
+"""The training loop: AdamW, warm-up + cosine learning rate, gradient clipping and
+accumulation, periodic evaluation, atomic checkpoints and exact resume.
+
+It works for any model whose `forward(*batch)` returns (logits, loss) and any data source with
+`get_batch(split)`, `tokens_per_batch()` and `state_dict()`/`load_state_dict()`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import load_weights, save_run
+from ..errors import LMForgeError
+from ..fileio import atomic_path
+from .config import TrainConfig
+
+TRAINER_FILE = "trainer.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LMForgeError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LMForgeError("device cuda requested but no CUDA GPU is available; use --set device=cpu")
+    return device
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """Decay only matrices (linear weights, embeddings); norms and biases are scales and
+    offsets whose size carries meaning, so shrinking them toward 0 only hurts."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             foreach=device.type != "cpu" or None)
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, data, cfg: TrainConfig, out_dir: str | Path,
+                 tokenizer, run_extra: dict[str, Any] | None = None, progress: bool = True,
+                 eval_hook: Callable[["Trainer"], dict[str, Any]] | None = None):
+        cfg.validate()
+        self.cfg, self.data, self.tokenizer = cfg, data, tokenizer
+        self.out_dir = Path(out_dir)
+        self.run_extra = run_extra or {}
+        self.progress, self.eval_hook = progress, eval_hook
+        self.device = resolve_device(cfg.device)
+        self.model = model.to(self.device)
+        self.forward = torch.compile(model) if cfg.compile else model
+        self.optimizer = make_optimizer(model, cfg, self.device)
+        self.iter = 0  # optimizer steps completed
+        self.tokens = 0  # training tokens seen
+        self.last_eval: dict[str, float] = {}
+        self._stop = False
+        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
+        self.autocast = (torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype
+                         else contextlib.nullcontext())
+        self.scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16" and self.device.type == "cuda")
+        torch.manual_seed(cfg.seed)
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def save(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_run(self.out_dir, self.model, self.tokenizer,
+                 {**self.run_extra, "train_config": self.cfg.to_dict()})
+        state = {"iter": self.iter, "tokens": self.tokens, "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "data": self.data.state_dict(),
+                 "rng": torch.get_rng_state(), "train_config": self.cfg.to_dict(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        with atomic_path(self.out_dir / TRAINER_FILE) as tmp:
+            torch.save(state, tmp)
+
+    def resume(self) -> None:
+        path = self.out_dir / TRAINER_FILE
+        if not path.is_file():
+            raise LMForgeError(f"cannot resume: {path} not found (was the run started with `lmforge train`?)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a truncated or foreign file
+            raise LMForgeError(f"cannot resume: {path} is corrupt ({type(e).__name__})") from None
+        load_weights(self.out_dir / "model.safetensors", self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.data.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.iter, self.tokens = state["iter"], state["tokens"]
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop log lines written after the checkpoint, so the resumed run continues the file."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("iter", 0) <= self.iter]
+        path.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ---- evaluation --------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over eval_iters batches of each split. The eval batches come from their
+        own fixed-seed generator: the same batches every time, and the training stream is
+        left untouched (so evaluating does not change what a resumed run sees)."""
+        self.model.eval()
+        out = {}
+        for split in ("train", "val"):
+            gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+            losses = torch.zeros(self.cfg.eval_iters)
+            for i in range(self.cfg.eval_iters):
+                with self.autocast:
+                    _, loss = self.forward(*self.data.get_batch(split, generator=gen))
+                losses[i] = loss.float()
+            out[f"{split}_loss"] = losses.mean().item()
+        self.model.train()
+        return out
+
+    # ---- the loop ----------------------------------------------------------------------
+    def step(self) -> torch.Tensor:
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns the mean
+        loss as a tensor (reading it would force a device sync, so the caller decides when)."""
+        cfg = self.cfg
+        lr = cfg.lr_at(self.iter)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for _ in range(cfg.gradient_accumulation_steps):
+            batch = self.data.get_batch("train")
+            with self.autocast:
+                _, loss = self.forward(*batch)
+                loss = loss / cfg.gradient_accumulation_steps
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.iter += 1
+        self.tokens += self.data.tokens_per_batch() * cfg.gradient_accumulation_steps
+        return total
+
+    def _on_sigint(self, *_: Any) -> None:
+        self._stop = True  # finish the current step, then save and stop
+
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.model.train()
+        old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        bar = tqdm(total=cfg.max_iters, initial=self.iter, desc="train", unit="it",
+                   disable=not self.progress, dynamic_ncols=True)
+        loss_sum, n_logged = torch.zeros((), device=self.device), 0
+        t0, tokens0 = time.perf_counter(), self.tokens
+        try:
+            while self.iter < cfg.max_iters and not self._stop:
+                loss_sum += self.step()
+                n_logged += 1
+                bar.update(1)
+                if self.iter % cfg.log_interval == 0 or self.iter == cfg.max_iters:
+                    dt = time.perf_counter() - t0
+                    rec = {"iter": self.iter, "tokens": self.tokens, "loss": loss_sum.item() / n_logged,
+                           "lr": cfg.lr_at(self.iter - 1), "tok_per_s": (self.tokens - tokens0) / max(dt, 1e-9)}
+                    self.log(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tok_per_s']:,.0f}")
+                    loss_sum.zero_(); n_logged = 0
+                    t0, tokens0 = time.perf_counter(), self.tokens
+                if self.iter % cfg.eval_interval == 0 or self.iter == cfg.max_iters:
+                    self._eval_and_save(bar)
+                    t0, tokens0 = time.perf_counter(), self.tokens
+        finally:
+            signal.signal(signal.SIGINT, old_handler)
+            bar.close()
+        if self._stop:
+            self.save()
+            print(f"interrupted: checkpoint saved at iter {self.iter} in {self.out_dir} "
+                  f"(continue with --resume)")
+        elif not self.last_eval:  # resumed at max_iters: nothing to train, still report
+            self.last_eval = self.evaluate()
+        return self.last_eval
+
+    def _eval_and_save(self, bar: tqdm) -> None:
+        res = self.evaluate()
+        if self.eval_hook is not None:
+            res.update(self.eval_hook(self))
+        self.last_eval = res
+        self.log({"iter": self.iter, "tokens": self.tokens, **res})
+        msg = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items())
+        if self.progress:
+            bar.write(f"iter {self.iter}: {msg}")
+        self.save()
