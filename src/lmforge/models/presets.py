@@ -36,6 +36,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": dict(batch_size=12, learning_rate=3e-4, min_lr=3e-5, warmup_iters=2000,
                       weight_decay=0.1, beta2=0.95, gradient_accumulation_steps=40),
     },
+    # Llama-style: RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases. `llama-tiny` has
+    # about char-tiny's parameter count (0.92M vs 0.81M) and the same 12 x 64 batches; its
+    # learning rate, warm-up and shape were tuned for the 2,000-iteration char budget
+    # (docs/benchmarks.md, part d).
+    "llama-tiny": {
+        "model": "gpt",
+        "model_config": dict(block_size=64, n_layer=5, n_head=4, n_kv_head=2, n_embd=128, dropout=0.0,
+                             bias=False, pos_encoding="rope", norm="rmsnorm", mlp="swiglu",
+                             mlp_ratio=8 / 3),
+        "train": dict(batch_size=12, max_iters=2000, learning_rate=3e-3, min_lr=3e-4,
+                      warmup_iters=100, beta2=0.99, eval_interval=250, eval_iters=20,
+                      log_interval=10),
+    },
+    # About shakespeare-small's size (10.6M vs 10.8M parameters).
+    "llama-small": {
+        "model": "gpt",
+        "model_config": dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2,
+                             bias=False, pos_encoding="rope", norm="rmsnorm", mlp="swiglu",
+                             mlp_ratio=8 / 3),
+        "train": dict(batch_size=64, max_iters=5000, learning_rate=1e-3, min_lr=1e-4,
+                      warmup_iters=100, beta2=0.99, eval_interval=250, eval_iters=200,
+                      log_interval=10),
+    },
+    "nnlm-char": {
+        "model": "nnlm",
+        "model_config": dict(block_size=64, context=8, n_embd=32, n_hidden=512, direct=True, dropout=0.0),
+        "train": dict(batch_size=12, max_iters=2000, learning_rate=3e-3, min_lr=3e-4,
+                      warmup_iters=100, beta2=0.99, eval_interval=250, eval_iters=20,
+                      log_interval=10),
+    },
 }
 
 

@@ -106,24 +106,36 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, hs)
 
+    def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values of the encoder output memory (B, S, C), each
+        (B, nkv, S, hs). A decoder computes them once per sentence and passes them as `kv` at
+        every step, instead of re-projecting the same memory for each new token."""
+        k, v = self.kv(memory).split(self.n_kv_head * self.head_dim, dim=2)
+        k, v = self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)  # (B, nkv, S, hs)
+        return (self.k_norm(k) if self.k_norm is not None else k), v
+
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x: (B, T, C). memory: (B, S, C), the encoder output, for cross-attention.
         mask: bool broadcastable to (B, nh, T, S), True = may attend (e.g. padding).
-        rope: (cos, sin) for x's positions. cache: keys/values of earlier positions."""
+        rope: (cos, sin) for x's positions. cache: keys/values of earlier positions.
+        kv: cross-attention only, `project_kv(memory)` computed earlier (memory is then unused)."""
         B, T, C = x.shape
         kv_dim = self.n_kv_head * self.head_dim
         if self.cross:
             q = self._heads(self.q(x), self.n_head)
-            k, v = self.kv(memory).split(kv_dim, dim=2)
+            k, v = kv if kv is not None else self.project_kv(memory)  # (B, nkv, S, hs), normed
         else:
             q, k, v = self.qkv(x).split([C, kv_dim, kv_dim], dim=2)
             q = self._heads(q, self.n_head)  # (B, nh, T, hs)
-        k, v = self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)  # (B, nkv, S, hs)
+            k, v = self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)  # (B, nkv, T, hs)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q = self.q_norm(q)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:

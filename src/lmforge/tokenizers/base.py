@@ -10,12 +10,13 @@ registered for that "kind" (each subclass registers itself by setting `kind`).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Literal, TypeVar, Union
 
 from ..errors import LMForgeError
-from ..fileio import read_json, write_json
+from ..fileio import atomic_open, read_json
 
 FORMAT = "lmforge-tokenizer"
 VERSION = 1
@@ -76,7 +77,8 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as JSON; atomic, so a crash never leaves half a file."""
-        write_json(path, self.to_dict())
+        with atomic_open(path) as f:
+            f.write(dumps(self.to_dict()))
 
     @classmethod
     def from_dict(cls: type[T], d: Any) -> T:
@@ -124,6 +126,29 @@ def check_header(d: Any) -> str:
     if not isinstance(kind, str):
         raise LMForgeError('tokenizer file has no "kind" field; the file is corrupt')
     return kind
+
+
+def dumps(d: dict[str, Any]) -> str:
+    """JSON with one field per line and one line per item of a list of lists (the merges).
+
+    >>> print(dumps({"kind": "bpe", "merges": [[32, 116], [104, 101]]}))
+    {
+      "kind": "bpe",
+      "merges": [
+        [32, 116],
+        [104, 101]
+      ]
+    }
+    <BLANKLINE>
+    """
+    fields = []
+    for key, value in d.items():
+        if isinstance(value, list) and value and all(isinstance(item, list) for item in value):
+            items = ",\n".join(f"    {json.dumps(item)}" for item in value)
+            fields.append(f"  {json.dumps(key)}: [\n{items}\n  ]")
+        else:
+            fields.append(f"  {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}")
+    return "{\n" + ",\n".join(fields) + "\n}\n"
 
 
 def as_id_list(ids: Iterable[int]) -> list[int]:

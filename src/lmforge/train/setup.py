@@ -7,6 +7,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..checkpoint import read_run_config
 from ..config import parse_overrides
 from ..data import TokenBatches, TokenData
@@ -87,6 +89,7 @@ def build_trainer(data_dir: str | Path, out_dir: str | Path, preset: str | None 
         tokenizer = load_tokenizer(data.tokenizer_path)
         run_extra = {"preset": preset, "data": str(Path(data_dir).resolve())}
     train_cfg.validate()
+    torch.manual_seed(train_cfg.seed)  # the same seed gives the same initial weights
     model = build_model(kind, model_cfg)
     if verbose:
         print(f"model: {kind}, {model.num_params() / 1e6:.2f}M parameters "

@@ -74,14 +74,22 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------
     def save(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        save_run(self.out_dir, self.model, self.tokenizer,
-                 {**self.run_extra, "train_config": self.cfg.to_dict()})
+        self.save_model()
         state = {"iter": self.iter, "tokens": self.tokens, "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "data": self.data.state_dict(),
                  "rng": torch.get_rng_state(), "train_config": self.cfg.to_dict(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         with atomic_path(self.out_dir / TRAINER_FILE) as tmp:
             torch.save(state, tmp)
+
+    def save_model(self) -> None:
+        """The model part of a checkpoint: a run directory. Subclasses change what it holds
+        (the LoRA fine-tuner writes only the adapter); `load_model` must read it back."""
+        save_run(self.out_dir, self.model, self.tokenizer,
+                 {**self.run_extra, "train_config": self.cfg.to_dict()})
+
+    def load_model(self) -> None:
+        load_weights(self.out_dir / "model.safetensors", self.model)
 
     def resume(self) -> None:
         path = self.out_dir / TRAINER_FILE
@@ -91,7 +99,7 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # a truncated or foreign file
             raise LMForgeError(f"cannot resume: {path} is corrupt ({type(e).__name__})") from None
-        load_weights(self.out_dir / "model.safetensors", self.model)
+        self.load_model()
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.data.load_state_dict(state["data"])

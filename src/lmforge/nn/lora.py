@@ -1,0 +1,261 @@
+"""LoRA (Hu et al., 2021): adapt a frozen linear layer W by a low-rank update.
+
+    h = W x + (alpha / r) * B A x        A: (r, in), B: (out, r), r << min(in, out)
+
+Only A and B train, so an adapter is r * (in + out) numbers per layer instead of in * out.
+B starts at zero, so the adapted model *is* the base model at step 0 (bitwise), and A starts
+like a Linear layer (Kaiming-uniform) so gradients reach B from the first step. After
+training, `merge()` folds scaling * B A into W: the layer becomes an ordinary linear layer
+again, at exactly the base model's inference cost.
+
+`LoRALinear` keeps nn.Linear's `weight` / `bias` names, so a base checkpoint loads unchanged
+into an adapted model; the adapter lives in `lora_A` / `lora_B`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigBase
+from ..errors import LMForgeError
+
+ALL_LINEAR = "all-linear"
+LORA_PARAMS = ("lora_A", "lora_B")
+
+
+@dataclass
+class LoRAConfig(ConfigBase):
+    r: int = 8  # rank of the update B A
+    alpha: float = 16.0  # the update is scaled by alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.05  # dropout on the adapter's input (the frozen path sees x unchanged)
+    targets: list[str] = field(default_factory=lambda: [ALL_LINEAR])  # module-name patterns
+    rslora: bool = False  # rank-stabilised scaling (Kalajdzievski, 2023)
+
+    def validate(self) -> None:
+        self.check_positive("r", "alpha")
+        if not 0.0 <= self.dropout < 1.0:
+            self.fail(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            self.fail("targets must name at least one module pattern (or all-linear)")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        if r <= 0:
+            raise LMForgeError(f"LoRA rank r must be positive, got {r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # the same Parameter: a base checkpoint loads unchanged
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear does to its weight
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B A, the update W receives on merge: (out, in)."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # (..., out)
+        if self.merged:
+            return y
+        h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
+        return y + F.linear(h, self.lora_B) * self.scaling  # (..., out)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + scaling * B A. The forward pass is then one matrix product, as the base's."""
+        if self.merged:
+            raise LMForgeError("this LoRA layer is already merged; unmerge() it before merging again")
+        self.weight += self.delta_weight().to(self.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W <- W - scaling * B A: the base weight again (up to float rounding, ~1 ulp)."""
+        if not self.merged:
+            raise LMForgeError("this LoRA layer is not merged; there is nothing to unmerge")
+        self.weight -= self.delta_weight().to(self.weight.dtype)
+        self.merged = False
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding the current (merged) weight, for shipping a merged model."""
+        if not self.merged:
+            raise LMForgeError("merge() the LoRA layer before turning it into a plain Linear")
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        out.weight = self.weight
+        if self.bias is not None:
+            out.bias = self.bias
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"scaling={self.scaling:g}, merged={self.merged}")
+
+
+@dataclass
+class LoRAReport:
+    """What apply_lora did: the adapted modules and the parameter counts."""
+
+    modules: list[str]
+    trainable: int
+    total: int
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (f"LoRA on {len(self.modules)} modules: {self.trainable:,} trainable of {self.total:,} "
+                f"parameters ({100 * self.trainable_fraction:.3f}%)")
+
+
+def linear_kind(name: str) -> str:
+    """A module's name without its layer indices' prefix: 'blocks.3.attn.qkv' -> 'attn.qkv'.
+    These are the names a user writes as targets."""
+    parts = name.split(".")
+    last_index = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
+    return ".".join(parts[last_index + 1:])
+
+
+def _tied(model: nn.Module, module: nn.Linear) -> bool:
+    """True if the Linear's weight is shared with another module (e.g. GPT's LM head and the
+    token embedding): an update to it would silently change the other module too."""
+    ptr = module.weight.data_ptr()
+    return sum(1 for m in model.modules() for p in m.parameters(recurse=False)
+               if p.data_ptr() == ptr) > 1
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear (not yet adapted) by its full name."""
+    return {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """A pattern matches a name that ends with it at a word boundary ('.' or '_'):
+    'attn.qkv' matches 'blocks.0.attn.qkv' and 'layers.0.self_attn.qkv', 'attn.q' matches
+    'cross_attn.q' but not 'attn.qkv'. Full names and glob patterns ('blocks.0.*') match too."""
+    if name == pattern or fnmatch.fnmatchcase(name, pattern):
+        return True
+    return name.endswith(pattern) and name[-len(pattern) - 1] in "._"
+
+
+def parse_targets(targets: list[str] | str) -> list[str]:
+    """'attn.qkv,mlp.fc' or ['attn.qkv', 'mlp.fc'] -> ['attn.qkv', 'mlp.fc']."""
+    items = [targets] if isinstance(targets, str) else list(targets)
+    return [t for item in items for t in re.split(r"[,\s]+", item) if t]
+
+
+def select_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """The full names of the Linear modules the target patterns pick."""
+    targets = parse_targets(targets)
+    linears = linear_modules(model)
+    tied = {n for n, m in linears.items() if _tied(model, m)}
+    kinds = sorted({linear_kind(n) for n in linears})
+    chosen: list[str] = []
+    for pattern in targets:
+        if pattern == ALL_LINEAR:
+            # every Linear inside the network; the output head (tied or not) stays as it is, as PEFT does
+            hits = [n for n in linears if n not in tied and linear_kind(n) != "lm_head"]
+        else:
+            hits = [n for n in linears if _matches(n, pattern)]
+            if not hits:
+                raise LMForgeError(f"LoRA target {pattern!r} matches no linear module; this model's "
+                                   f"linear modules are: {', '.join(kinds)} (or use {ALL_LINEAR})")
+            bad = [n for n in hits if n in tied]
+            if bad:
+                raise LMForgeError(f"LoRA target {pattern!r} picks {bad[0]}, whose weight is tied to the "
+                                   f"token embedding; adapting it would change the embedding too")
+        chosen += [n for n in hits if n not in chosen]
+    if not chosen:
+        raise LMForgeError(f"LoRA targets {targets} select no module; linear modules: {', '.join(kinds)}")
+    return chosen
+
+
+def apply_lora(model: nn.Module, targets: list[str] | str = ALL_LINEAR, r: int = 8, alpha: float = 16.0,
+               dropout: float = 0.05, rslora: bool = False) -> LoRAReport:
+    """Wrap the target Linear modules in LoRALinear (in place), freeze every other parameter,
+    and record the settings on `model.lora_config` (what save_adapter writes)."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise LMForgeError("the model already has LoRA adapters; merge_lora(model, unload=True) first")
+    cfg = LoRAConfig(r=r, alpha=float(alpha), dropout=float(dropout), targets=parse_targets(targets),
+                     rslora=rslora)
+    cfg.validate()
+    names = select_targets(model, cfg.targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, rslora))
+    model.lora_config = cfg
+    return lora_report(model)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_report(model: nn.Module) -> LoRAReport:
+    params = {id(p): p for p in model.parameters()}.values()  # tied parameters once
+    return LoRAReport(modules=list(lora_layers(model)),
+                      trainable=sum(p.numel() for p in params if p.requires_grad),
+                      total=sum(p.numel() for p in params))
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors: {'blocks.0.attn.qkv.lora_A': (r, in), ...}."""
+    return {f"{name}.{p}": getattr(m, p).detach().contiguous()
+            for name, m in lora_layers(model).items() for p in LORA_PARAMS}
+
+
+def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
+    """Merge every adapter into its weight. With `unload`, also replace each LoRALinear by a
+    plain nn.Linear (the model is then exactly the base architecture and saves as such)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise LMForgeError("the model has no LoRA adapters to merge")
+    if not unload and any(layer.merged for layer in layers.values()):
+        raise LMForgeError("the model's LoRA adapters are already merged; unmerge_lora(model) first")
+    for name, layer in layers.items():
+        if not layer.merged:
+            layer.merge()
+        if unload:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, layer.to_linear())
+    if unload and hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo merge_lora (without unload): subtract every adapter from its weight again."""
+    layers = lora_layers(model)
+    if not layers:
+        raise LMForgeError("the model has no LoRA adapters to unmerge")
+    for layer in layers.values():
+        layer.unmerge()
+    return model

@@ -1,0 +1,177 @@
+"""Fine-tuning a trained run on new data, with the same Trainer (progress bar, metrics,
+checkpoints, exact resume) as `lmforge train`.
+
+Two methods:
+- `full`: every weight trains. OUT is a plain run directory (config.json, model.safetensors,
+  tokenizer.json, trainer.pt, metrics.jsonl), used like any other run.
+- `lora`: the base weights stay frozen and only the adapters train. OUT is an *adapter
+  directory*: adapter_config.json + adapter.safetensors (A and B only, a few hundred kB), plus
+  trainer.pt (the optimizer state of the adapter alone) and metrics.jsonl. It does not copy
+  the base weights; it points at them. Use it as `lmforge sample --run BASE --adapter OUT`,
+  or make a plain run of it with `lmforge merge --base BASE --adapter OUT --out RUN2`.
+
+Both write OUT/finetune.json: the method, the base run (path and the sha256 of its weights)
+and the settings, which is what `--resume` reads back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters import load_adapter_weights, save_adapter
+from ..checkpoint import load_weights, read_run_config
+from ..config import parse_overrides
+from ..data import TokenBatches, TokenData
+from ..errors import LMForgeError
+from ..fileio import read_json, write_json
+from ..models import build_model
+from ..nn.lora import LoRAConfig, apply_lora, lora_report
+from ..tokenizers import load_tokenizer
+from .config import TrainConfig
+from .setup import read_toml, split_settings
+from .trainer import TRAINER_FILE, Trainer
+
+METHODS = ("lora", "full")
+FINETUNE_FILE = "finetune.json"
+FINETUNE_FORMAT = "lmforge-finetune"
+# model settings a fine-tuning run may change: they alter training, not the weights' shapes
+CHANGEABLE_MODEL_KEYS = ("dropout",)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FinetuneTrainer(Trainer):
+    """The Trainer, with checkpoints that also record the base run; for LoRA they hold only
+    the adapter (the frozen base weights are read from the base run again on resume)."""
+
+    def __init__(self, *args: Any, method: str, base_config: dict[str, Any], record: dict[str, Any], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.method, self.base_config, self.record = method, base_config, record
+
+    def save_model(self) -> None:
+        if self.method == "full":
+            super().save_model()
+        else:
+            save_adapter(self.model, self.out_dir, self.base_config,
+                         extra={"base_run": self.record["base_run"]})
+        write_json(self.out_dir / FINETUNE_FILE, {**self.record, "train_config": self.cfg.to_dict()})
+
+    def load_model(self) -> None:
+        if self.method == "full":
+            super().load_model()
+        else:
+            load_adapter_weights(self.model, self.out_dir)
+
+
+def _settings(config_file: str | None, overrides: list[str], kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model settings, training settings) from a TOML file and --set overrides."""
+    user = {**(read_toml(config_file) if config_file else {}), **parse_overrides(overrides)}
+    model_part, train_part = split_settings(user, kind)
+    fixed = [k for k in model_part if k not in CHANGEABLE_MODEL_KEYS]
+    if fixed:
+        raise LMForgeError(f"cannot change the model's {fixed[0]} when fine-tuning: the shape comes from "
+                           f"the base run (only {', '.join(CHANGEABLE_MODEL_KEYS)} may change)")
+    return model_part, train_part
+
+
+def _read_record(out_dir: Path) -> dict[str, Any]:
+    if not (out_dir / FINETUNE_FILE).is_file():
+        raise LMForgeError(f"cannot resume: {out_dir / FINETUNE_FILE} not found "
+                           f"(was {out_dir} written by `lmforge finetune`?)")
+    record = read_json(out_dir / FINETUNE_FILE, "fine-tuning record")
+    if not isinstance(record, dict) or record.get("format") != FINETUNE_FORMAT:
+        raise LMForgeError(f"{out_dir / FINETUNE_FILE} is not an lmforge fine-tuning record")
+    return record
+
+
+def build_finetune_trainer(base_run: str | Path | None, data_dir: str | Path, out_dir: str | Path,
+                           method: str | None = None, lora: LoRAConfig | None = None,
+                           config_file: str | None = None, overrides: list[str] | None = None,
+                           resume: bool = False, progress: bool = True, verbose: bool = True) -> FinetuneTrainer:
+    """Everything `lmforge finetune` does before the loop starts. On resume, the method, base
+    run and LoRA settings come from OUT/finetune.json; --set may change training settings.
+    `method` is lora (the default for a new run) or full."""
+    out_dir = Path(out_dir)
+    overrides = list(overrides or [])
+    if resume:
+        record = _read_record(out_dir)
+        if base_run is not None and Path(base_run).resolve() != Path(record["base_run"]):
+            raise LMForgeError(f"{out_dir} was fine-tuned from {record['base_run']}, not {base_run}; "
+                               f"drop --base or pass that run")
+        if method not in (None, record["method"]):
+            raise LMForgeError(f"{out_dir} is a {record['method']} fine-tuning run, not {method}; "
+                               f"drop --method to resume it")
+        method = record["method"]
+        base_run = Path(record["base_run"])
+        lora = LoRAConfig.from_dict(record["lora"]) if record.get("lora") else None
+    else:
+        if base_run is None:
+            raise LMForgeError("--base RUN is required: the run to fine-tune")
+        method = method or "lora"
+        if method not in METHODS:
+            raise LMForgeError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+        base_run = Path(base_run).resolve()
+        if out_dir.resolve() == base_run:
+            raise LMForgeError("--out must differ from --base: fine-tuning must not overwrite the base run")
+        if (out_dir / TRAINER_FILE).exists():
+            raise LMForgeError(f"{out_dir} already holds a training run; pass --resume to continue it "
+                               f"or choose another --out")
+        lora = (lora or LoRAConfig()) if method == "lora" else None
+        if lora is not None:
+            lora.validate()
+    base_cfg = read_run_config(base_run)
+    kind = base_cfg["model"]
+    weights = base_run / "model.safetensors"
+    base_sha = file_sha256(weights) if weights.is_file() else None
+    if resume and method == "lora" and base_sha != record.get("base_weights_sha256"):
+        raise LMForgeError(f"the base run {base_run} changed since this adapter was trained (its weights' "
+                           f"sha256 differs); resuming would mix two bases")
+
+    model_part, train_part = _settings(config_file, overrides, kind)
+    if resume:
+        model_part = {**record.get("model_overrides", {}), **model_part}
+        train_cfg = TrainConfig.from_dict({**record["train_config"], **train_part})
+    else:
+        train_cfg = TrainConfig.from_dict({**base_cfg.get("train_config", {}), **train_part})
+    train_cfg.validate()
+
+    tokenizer = load_tokenizer(base_run / "tokenizer.json")
+    data = TokenData(data_dir)
+    data.check_tokenizer(tokenizer)
+
+    torch.manual_seed(train_cfg.seed)  # the same seed gives the same adapter initialisation
+    model = build_model(kind, {**base_cfg["model_config"], **model_part})
+    if not (resume and method == "full"):  # a resumed full run reads its own weights instead
+        load_weights(weights, model)
+    if lora is not None:
+        report = apply_lora(model, lora.targets, lora.r, lora.alpha, lora.dropout, lora.rslora)
+    else:
+        report = lora_report(model)  # nothing adapted: every parameter trains
+    if verbose:
+        print(f"fine-tuning {base_run} ({method}): {report.trainable:,} of {report.total:,} parameters "
+              f"trainable ({100 * report.trainable_fraction:.3f}%)")
+
+    record = {"format": FINETUNE_FORMAT, "version": 1, "method": method, "base_run": str(base_run),
+              "base_weights_sha256": base_sha, "data": str(Path(data_dir).resolve()),
+              "model_overrides": model_part, "lora": lora.to_dict() if lora else None}
+    run_extra = {"preset": base_cfg.get("preset"), "data": record["data"],
+                 "finetune": {"method": method, "base_run": str(base_run)}}
+    batches = TokenBatches(data, train_cfg.batch_size, model.config.block_size, seed=train_cfg.seed)
+    trainer = FinetuneTrainer(model, batches, train_cfg, out_dir, tokenizer, run_extra=run_extra,
+                              progress=progress, method=method, base_config=base_cfg, record=record)
+    batches.device = trainer.device
+    if resume:
+        trainer.resume()
+        if verbose:
+            print(f"resuming {out_dir} at iter {trainer.iter} of {train_cfg.max_iters}")
+    return trainer

@@ -1,0 +1,89 @@
+"""The command line end to end, as a user runs it, and its answers to bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lmforge.cli.main import main
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def test_end_to_end(tmp_path, small_corpus, capsys):
+    tok, data, run = tmp_path / "tok.json", tmp_path / "data", tmp_path / "run"
+    assert run_cli("tokenizer", "train", "--input", small_corpus, "--vocab-size", "300", "--out", tok) == 0
+    assert run_cli("prepare", "--input", small_corpus, "--tokenizer", tok, "--out", data, "--no-progress") == 0
+    fast = ["--set", "n_layer=2", "--set", "n_embd=32", "--set", "n_head=2", "--set", "batch_size=4",
+            "--set", "eval_iters=2", "--set", "eval_interval=25"]
+    assert run_cli("train", "--data", data, "--out", run, "--set", "max_iters=50", *fast, "--no-progress") == 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer.pt", "metrics.jsonl"):
+        assert (run / name).is_file()
+    capsys.readouterr()
+    assert run_cli("sample", "--run", run, "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1") == 0
+    first = capsys.readouterr().out
+    assert first.startswith("ROMEO:") and len(first) > len("ROMEO:\n")
+    assert run_cli("sample", "--run", run, "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1") == 0
+    assert capsys.readouterr().out == first  # same seed, same text
+    assert run_cli("sample", "--run", run, "--prompt", "ROMEO:", "--max-new-tokens", "20",
+                   "--temperature", "0", "--stream") == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    assert run_cli("eval", "--run", run, "--data", data, "--no-progress") == 0
+    out = capsys.readouterr().out
+    assert "val loss" in out and "perplexity" in out
+    assert run_cli("train", "--data", data, "--out", run, "--resume", "--set", "max_iters=60", "--no-progress") == 0
+    iters = [json.loads(line)["iter"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(iters) == 60
+    assert run_cli("plot", run) == 0 and (run / "loss.png").stat().st_size > 1000
+
+
+def test_demo_short(tmp_path, capsys):
+    assert run_cli("demo", "--max-iters", "20", "--out", tmp_path / "demo", "--no-progress") == 0
+    out = capsys.readouterr().out
+    assert "val loss" in out and (tmp_path / "demo" / "run" / "loss.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prepare", "--input", "nope.txt", "--out", "d"], "input file not found"),
+    (["train", "--data", "nodata", "--out", "r"], "data directory not found"),
+    (["sample", "--run", "norun"], "run directory not found"),
+    (["plot", "norun"], "not found"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_corrupt_checkpoint_and_wrong_tokenizer(tmp_path, small_corpus, capsys):
+    data, run = tmp_path / "data", tmp_path / "run"
+    run_cli("prepare", "--input", small_corpus, "--out", data, "--no-progress")
+    run_cli("train", "--data", data, "--out", run, "--set", "max_iters=2", "--set", "eval_iters=1", "--no-progress")
+    other = tmp_path / "other"
+    run_cli("prepare", "--input", small_corpus, "--tokenizer", "bpe:280", "--out", other, "--no-progress")
+    capsys.readouterr()
+    assert run_cli("eval", "--run", run, "--data", other, "--no-progress") == 2
+    assert "does not match" in capsys.readouterr().err
+    (run / "model.safetensors").write_bytes(b"garbage")
+    assert run_cli("sample", "--run", run) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert run_cli("train", "--data", data, "--out", run, "--no-progress") == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_unknown_setting_lists_valid_keys(tmp_path, small_corpus, capsys):
+    run_cli("prepare", "--input", small_corpus, "--out", tmp_path / "d", "--no-progress")
+    assert run_cli("train", "--data", tmp_path / "d", "--out", tmp_path / "r", "--set", "learning_rte=1") == 2
+    err = capsys.readouterr().err
+    assert "did you mean learning_rate" in err and "valid keys" in err
+    assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "lmforge", "--help"], capture_output=True, text=True, check=True)
+    for cmd in ("demo", "prepare", "train", "sample", "eval", "plot"):
+        assert cmd in out.stdout
