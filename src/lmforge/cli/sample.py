@@ -35,7 +35,7 @@ def load_for_inference(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import LMForgeError
-    from ..generate import stream
+    from ..generation import stream
 
     if args.num_samples < 1 or args.max_new_tokens < 0:
         raise LMForgeError("--num-samples must be >= 1 and --max-new-tokens >= 0")

@@ -78,7 +78,8 @@ def train(args: argparse.Namespace) -> int:
                                  special_tokens=specials, progress=show_progress(args))
     seconds = time.perf_counter() - start
     tok.save(args.out)
-    print(f"trained a {args.kind} tokenizer with vocab size {tok.vocab_size:,} in {seconds:.1f} s -> {args.out}")
+    print(f"trained a {args.kind} tokenizer with vocab size {tok.vocab_size:,} in {seconds:.1f} s "
+          f"-> {args.out}")
     return 0
 
 

@@ -60,8 +60,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
         self.mlp = MLP(cfg.n_embd, cfg.mlp_hidden, cfg.mlp, cfg.bias, cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope=rope, cache=cache)
+    def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask=mask, rope=rope, cache=cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -112,22 +113,29 @@ class GPT(nn.Module):
                        max_len or cfg.block_size, device or ref.device, dtype or ref.dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None):
+                cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None):
         """idx: (B, T) token ids. Returns logits (B, T, vocab); with `targets` (B, T) returns
         (logits, mean cross-entropy), ignoring target positions equal to -1.
-        With a `cache`, idx holds only the new tokens, placed after the cached ones."""
+        With a `cache`, idx holds only the new tokens, placed after the cached ones.
+        For rows at different offsets (batched serving): `positions` (B, T) are each token's
+        position (the caller keeps them below block_size) and `mask`, bool broadcastable to
+        (B, nh, T, S), True = may attend, is handed to every attention layer."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
+        if positions is None:
+            start = cache.pos if cache is not None else 0
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+            positions = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(pos)
-        rope = self.rope(pos) if self.rope is not None else None
+            x = x + self.pos_emb(positions)  # + (T, C) or (B, T, C)
+        rope = self.rope(positions) if self.rope is not None else None
+        if rope is not None and positions.dim() == 2:
+            rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, hd): the same for every head
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope=rope, cache=cache)
+            x = block(x, rope=rope, cache=cache, mask=mask)
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)

@@ -66,6 +66,25 @@ PRESETS: dict[str, dict[str, Any]] = {
                       warmup_iters=100, beta2=0.99, eval_interval=250, eval_iters=20,
                       log_interval=10),
     },
+    # The encoder-decoder Transformer ("Attention Is All You Need", post-LN, ReLU, sinusoids,
+    # tied shared-vocabulary embeddings, label smoothing 0.1, Adam beta2 0.98). The "translate"
+    # part holds the batching and val-BLEU settings that `lmforge translate train` reads.
+    "transformer-tiny": {
+        "model": "seq2seq",
+        "model_config": dict(vocab_size=2000, max_len=128, n_enc_layer=2, n_dec_layer=2, n_head=4,
+                             n_embd=128, ffn_hidden=512, dropout=0.1, label_smoothing=0.1),
+        "train": dict(max_iters=1200, learning_rate=2e-3, min_lr=1e-4, warmup_iters=100,
+                      weight_decay=0.0, beta2=0.98, eval_interval=200, eval_iters=5, log_interval=10),
+        "translate": dict(max_tokens=1024, bleu_every=1, bleu_sentences=50),
+    },
+    "transformer-multi30k": {
+        "model": "seq2seq",
+        "model_config": dict(vocab_size=8000, max_len=128, n_enc_layer=3, n_dec_layer=3, n_head=4,
+                             n_embd=256, ffn_hidden=1024, dropout=0.1, label_smoothing=0.1),
+        "train": dict(max_iters=3000, learning_rate=1e-3, min_lr=5e-5, warmup_iters=300,
+                      weight_decay=0.0001, beta2=0.98, eval_interval=250, eval_iters=20, log_interval=10),
+        "translate": dict(max_tokens=4096, bleu_every=2, bleu_sentences=200),
+    },
 }
 
 

@@ -28,6 +28,7 @@ from ..errors import LMForgeError
 
 ALL_LINEAR = "all-linear"
 LORA_PARAMS = ("lora_A", "lora_B")
+DEFAULT_TARGETS = ("attn.qkv", "attn.proj")
 
 
 @dataclass
@@ -35,7 +36,8 @@ class LoRAConfig(ConfigBase):
     r: int = 8  # rank of the update B A
     alpha: float = 16.0  # the update is scaled by alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = 0.05  # dropout on the adapter's input (the frozen path sees x unchanged)
-    targets: list[str] = field(default_factory=lambda: [ALL_LINEAR])  # module-name patterns
+    # module-name patterns; by default the attention projections, as in the LoRA paper
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     rslora: bool = False  # rank-stabilised scaling (Kalajdzievski, 2023)
 
     def validate(self) -> None:
@@ -194,7 +196,7 @@ def select_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     return chosen
 
 
-def apply_lora(model: nn.Module, targets: list[str] | str = ALL_LINEAR, r: int = 8, alpha: float = 16.0,
+def apply_lora(model: nn.Module, targets: list[str] | str = DEFAULT_TARGETS, r: int = 8, alpha: float = 16.0,
                dropout: float = 0.05, rslora: bool = False) -> LoRAReport:
     """Wrap the target Linear modules in LoRALinear (in place), freeze every other parameter,
     and record the settings on `model.lora_config` (what save_adapter writes)."""

@@ -30,4 +30,6 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     return Tokenizer.from_dict(d)
 
 
-__all__ = ["Tokenizer", "CharTokenizer", "BPETokenizer", "load_tokenizer", "tokenizer_from_dict", "PATTERNS", "EOT"]
+__all__ = [
+    "Tokenizer", "CharTokenizer", "BPETokenizer", "load_tokenizer", "tokenizer_from_dict", "PATTERNS", "EOT",
+]

@@ -34,7 +34,7 @@ PATTERNS = {
 
 def resolve_pattern(pattern: str) -> str:
     """A pattern name ("gpt2", "gpt4") or a regex -> the regex. A bare word must be a name."""
-    if pattern in PATTERNS:
+    if isinstance(pattern, str) and pattern in PATTERNS:
         return PATTERNS[pattern]
     if not isinstance(pattern, str) or regex.fullmatch(r"\w*", pattern):
         raise LMForgeError(f"unknown split pattern {pattern!r}: use one of {', '.join(PATTERNS)} or a regex")
@@ -72,7 +72,9 @@ def bpe_parts(ranks: dict[bytes, int], chunk: bytes, max_rank: int | None = None
     return parts
 
 
-def ranks_from_merges(merges: Sequence[Sequence[int]], byte_order: Sequence[int] | None = None) -> dict[bytes, int]:
+def ranks_from_merges(
+    merges: Sequence[Sequence[int]], byte_order: Sequence[int] | None = None
+) -> dict[bytes, int]:
     """Id i < 256 is the byte `byte_order[i]`; merge k makes id 256 + k from two earlier ids.
 
     >>> ranks = ranks_from_merges([(104, 105), (256, 33)])
@@ -83,16 +85,18 @@ def ranks_from_merges(merges: Sequence[Sequence[int]], byte_order: Sequence[int]
         byte_order = range(256)
     elif sorted(byte_order) != list(range(256)):
         raise LMForgeError("byte_order must list each of the 256 byte values once; the file is corrupt")
+    corrupt = "the merges are inconsistent (a corrupt or edited file?)"
     vocab = [bytes([b]) for b in byte_order]
     ranks = {token: i for i, token in enumerate(vocab)}
     for k, pair in enumerate(merges):
         new_id = 256 + k
         ok = isinstance(pair, (list, tuple)) and len(pair) == 2
         if not (ok and all(type(i) is int and 0 <= i < new_id for i in pair)):
-            raise LMForgeError(f"merge #{k} {pair!r} is not a pair of earlier token ids (< {new_id}); the merges are inconsistent")
+            raise LMForgeError(f"merge #{k} {pair!r} is not a pair of earlier ids (< {new_id}); {corrupt}")
         token = vocab[pair[0]] + vocab[pair[1]]
         if token in ranks:
-            raise LMForgeError(f"merge #{k} {list(pair)} makes {token!r}, which is already token {ranks[token]}; the merges are inconsistent")
+            old = ranks[token]
+            raise LMForgeError(f"merge #{k} {list(pair)} makes {token!r}, already token {old}; {corrupt}")
         vocab.append(token)
         ranks[token] = new_id
     return ranks
@@ -119,7 +123,9 @@ class BPETokenizer(Tokenizer):
 
     kind = "bpe"
 
-    def __init__(self, ranks: dict[bytes, int], pattern: str = "gpt4", special_tokens: dict[str, int] | None = None):
+    def __init__(
+        self, ranks: dict[bytes, int], pattern: str = "gpt4", special_tokens: dict[str, int] | None = None
+    ):
         if sorted(ranks.values()) != list(range(len(ranks))) or len(ranks) < 256:
             raise LMForgeError("BPE ranks must number the tokens 0, 1, 2, ... with no gaps")
         if any(len(token) != 1 for token, i in ranks.items() if i < 256):
@@ -127,7 +133,9 @@ class BPETokenizer(Tokenizer):
         special_tokens = dict(special_tokens or {})
         for text, i in special_tokens.items():
             if not isinstance(text, str) or not text or type(i) is not int or i < len(ranks):
-                raise LMForgeError(f"special token {text!r}: {i!r} needs a non-empty name and an id >= {len(ranks)}")
+                raise LMForgeError(
+                    f"special token {text!r}: {i!r} needs a non-empty name and an id >= {len(ranks)}"
+                )
         if len(set(special_tokens.values())) != len(special_tokens):
             raise LMForgeError("two special tokens share an id; the file is corrupt")
         self.ranks = ranks
@@ -136,6 +144,7 @@ class BPETokenizer(Tokenizer):
         self.special_tokens = special_tokens
         self._decoder = {i: token for token, i in ranks.items()}
         self._decoder.update({i: text.encode("utf-8") for text, i in special_tokens.items()})
+        self._vocab_size = max(self._decoder) + 1
         self._merges: list[tuple[int, int]] | None = None  # derived lazily from ranks
         self._encoding = None  # tiktoken.Encoding, built lazily
 
@@ -168,7 +177,8 @@ class BPETokenizer(Tokenizer):
         be larger than memory; special-token text in the data is cut out before counting.
         """
         special_tokens = list(special_tokens)
-        if len(set(special_tokens)) != len(special_tokens) or not all(isinstance(s, str) and s for s in special_tokens):
+        distinct = len(set(special_tokens)) == len(special_tokens)
+        if not distinct or not all(isinstance(s, str) and s for s in special_tokens):
             raise LMForgeError(f"special tokens must be distinct non-empty strings, got {special_tokens!r}")
         smallest = 256 + len(special_tokens)
         if type(vocab_size) is not int or vocab_size < smallest:
@@ -193,7 +203,7 @@ class BPETokenizer(Tokenizer):
     # --- properties ----------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        return max(self._decoder) + 1
+        return self._vocab_size
 
     @property
     def eot_id(self) -> int | None:
@@ -216,7 +226,9 @@ class BPETokenizer(Tokenizer):
         allowed = self._allowed(allowed_special)
         return self.encoding.encode(text, allowed_special=allowed, disallowed_special=())
 
-    def encode_batch(self, texts: Sequence[str], allowed_special: AllowedSpecial = "all") -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], allowed_special: AllowedSpecial = "all"
+    ) -> list[list[int]]:
         allowed = self._allowed(allowed_special)
         return self.encoding.encode_batch(list(texts), allowed_special=allowed, disallowed_special=())
 
@@ -246,7 +258,10 @@ class BPETokenizer(Tokenizer):
 
             try:
                 self._encoding = tiktoken.Encoding(
-                    name="lmforge-bpe", pat_str=self.pat_str, mergeable_ranks=self.ranks, special_tokens=self.special_tokens
+                    name="lmforge-bpe",
+                    pat_str=self.pat_str,
+                    mergeable_ranks=self.ranks,
+                    special_tokens=self.special_tokens,
                 )
             except ValueError as e:
                 raise LMForgeError(f"tiktoken cannot use this split pattern ({e})") from None
@@ -258,11 +273,12 @@ class BPETokenizer(Tokenizer):
         if allowed_special == "none":
             return set()
         if isinstance(allowed_special, str):
-            raise LMForgeError(f'allowed_special must be "all", "none" or a set of special tokens, got {allowed_special!r}')
+            raise LMForgeError(f'allowed_special must be "all", "none" or a set, not {allowed_special!r}')
         allowed = set(allowed_special)
         unknown = allowed - set(self.special_tokens)
         if unknown:
-            raise LMForgeError(f"unknown special token {sorted(unknown)[0]!r}; this tokenizer has {sorted(self.special_tokens)}")
+            has = sorted(self.special_tokens)
+            raise LMForgeError(f"unknown special token {sorted(unknown)[0]!r}; this tokenizer has {has}")
         return allowed
 
     # --- decoding --------------------------------------------------------------------------
@@ -273,7 +289,8 @@ class BPETokenizer(Tokenizer):
             return b"".join([decoder[i] for i in ids])
         except (KeyError, TypeError):
             bad = next(i for i in ids if not isinstance(i, int) or i not in decoder)
-            raise LMForgeError(f"token id {bad!r} is not in this tokenizer's vocabulary (0..{self.vocab_size - 1})") from None
+            last = self.vocab_size - 1
+            raise LMForgeError(f"token id {bad!r} is not in the tokenizer's vocabulary (0..{last})") from None
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids -> text; bytes that are not valid UTF-8 (a cut-off character) become U+FFFD."""

@@ -34,6 +34,7 @@ def normalize_punctuation(text: str) -> str:
     text = regex.sub(r" \)", ")", text)
     text = regex.sub(r" :", ":", text)
     text = regex.sub(r" ;", ";", text)
+    text = regex.sub(r'"([,.]+)', r'\1"', text)  # English style: the period goes inside quotes
     return text.strip()
 
 

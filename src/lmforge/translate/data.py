@@ -78,7 +78,7 @@ class Split:
 
 
 def make_batches(split: Split, max_tokens: int, generator: torch.Generator | None = None,
-                 bucket_size: int = 4096) -> list[list[int]]:
+                 bucket_size: int = 32768) -> list[list[int]]:
     """Sentence indices grouped into batches whose padded size (sentences x longest side)
     stays within max_tokens. With a generator: random buckets, sorted inside, batches shuffled;
     without: one sorted pass (deterministic, for evaluation)."""

@@ -1,0 +1,259 @@
+"""GPT-2 / Hugging Face byte-level BPE files <-> lmforge's `BPETokenizer`.
+
+Hugging Face stores a byte-level BPE vocabulary as text: every byte is drawn as a printable
+unicode character (GPT-2's `bytes_to_unicode` table: printable Latin-1 bytes stand for
+themselves, the other 68 bytes borrow the characters from U+0100 on, so a space is "Ġ").
+
+    vocab.json     {"Hello": 15496, "Ġworld": 995, ..., "<|endoftext|>": 50256}
+    merges.txt     "#version: 0.2" then one merge per line, highest priority first: "Ġ t"
+    tokenizer.json the same model for the `tokenizers` library, plus the pre-tokenizer
+
+lmforge's BPE needs id = rank: ids 0..255 are the single bytes (in any order, GPT-2's is the
+table's order) and merge k makes id 256 + k. GPT-2's files satisfy this, so an imported GPT-2
+tokenizer keeps GPT-2's ids; a vocabulary numbered some other way is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import regex
+
+from ..errors import LMForgeError
+from ..fileio import atomic_open, read_json, write_json
+from ..tokenizers import EOT, PATTERNS, BPETokenizer, Tokenizer
+
+MERGES_HEADER = "#version: 0.2"
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's table byte -> printable character. Bytes that print (and are not a space)
+    keep their own character; the rest get 256, 257, ... in byte order.
+
+    >>> bytes_to_unicode()[ord("A")], bytes_to_unicode()[ord(" ")], bytes_to_unicode()[ord("\\n")]
+    ('A', 'Ġ', 'Ċ')
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+@lru_cache(maxsize=1)
+def unicode_to_bytes() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def token_to_str(token: bytes) -> str:
+    """b" world" -> "Ġworld"."""
+    table = bytes_to_unicode()
+    return "".join(table[b] for b in token)
+
+
+def str_to_token(text: str) -> bytes:
+    """"Ġworld" -> b" world"; a character outside the table is not byte-level BPE."""
+    table = unicode_to_bytes()
+    try:
+        return bytes(table[c] for c in text)
+    except KeyError as e:
+        raise LMForgeError(f"token {text!r} has the character {e.args[0]!r}, which is not in GPT-2's "
+                           "byte table; this is not a byte-level BPE vocabulary") from None
+
+
+# --- split patterns ---------------------------------------------------------------------------
+def hf_regex(pat_str: str) -> str:
+    """tiktoken's regex in the dialect of `tokenizers` (Oniguruma). Oniguruma reads `X{1,3}+` as
+    "one or more runs of 1-3 X", not as a possessive {1,3}; at the end of an alternative, as in
+    GPT-4's `\\p{N}{1,3}+`, plain `{1,3}` means the same."""
+    return regex.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", pat_str)
+
+
+def pattern_name(pat_str: str) -> str:
+    """Map a regex back to its lmforge name when it is one of ours (in either dialect)."""
+    for name, pat in PATTERNS.items():
+        if pat_str in (pat, hf_regex(pat)):
+            return name
+    return pat_str
+
+
+# --- import -----------------------------------------------------------------------------------
+def tokenizer_from_vocab(vocab: dict[str, int], merges: list[tuple[str, str]], pattern: str = "gpt2",
+                         special_tokens: dict[str, int] | None = None) -> BPETokenizer:
+    """Build a BPETokenizer that keeps the file's ids. Vocabulary entries past the merged tokens
+    (such as GPT-2's "<|endoftext|>" at 50256) become special tokens."""
+    special_tokens = dict(special_tokens or {})
+    byte_ids = {}
+    for text, i in vocab.items():
+        if text not in special_tokens and len(text) == 1 and text in unicode_to_bytes():
+            byte_ids[unicode_to_bytes()[text]] = i
+    if sorted(byte_ids) != list(range(256)) or sorted(byte_ids.values()) != list(range(256)):
+        raise LMForgeError("the vocabulary does not give the 256 single bytes the ids 0..255; "
+                           "lmforge imports byte-level BPE vocabularies numbered like GPT-2's")
+    byte_order = sorted(byte_ids, key=byte_ids.get)  # byte_order[id] = byte value
+    pairs = []
+    for k, (a, b) in enumerate(merges):
+        if a not in vocab or b not in vocab or a + b not in vocab:
+            raise LMForgeError(f"merge #{k} ({a!r} {b!r}) uses or makes a token missing from the vocabulary; "
+                               "vocab.json and merges.txt do not belong together")
+        if vocab[a + b] != 256 + k:
+            raise LMForgeError(f"merge #{k} makes {a + b!r} with id {vocab[a + b]}, not {256 + k}: lmforge's BPE "
+                               "numbers merged tokens in merge order, and this vocabulary does not")
+        pairs.append((vocab[a], vocab[b]))
+    n_ranked = 256 + len(merges)
+    for text, i in vocab.items():
+        if i >= n_ranked:
+            special_tokens.setdefault(text, i)
+    ids = sorted({**vocab, **special_tokens}.values())
+    if ids != list(range(len(ids))):
+        raise LMForgeError("the vocabulary's ids have gaps or repeats; it cannot be imported as byte-level BPE")
+    tok = BPETokenizer.from_merges(pairs, pattern, special_tokens, byte_order)
+    for text, i in vocab.items():
+        if i < n_ranked and tok.decode_bytes([i]) != str_to_token(text):
+            raise LMForgeError(f"vocabulary entry {text!r}: {i} is not the token its merges make; the files are inconsistent")
+    return tok
+
+
+def _read_merges_txt(path: Path) -> list[tuple[str, str]]:
+    merges = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or (n == 1 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise LMForgeError(f"{path}:{n}: expected two tokens separated by one space, got {line!r}")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _find(directory: Path, *names: str) -> Path | None:
+    return next((directory / n for n in names if (directory / n).is_file()), None)
+
+
+def read_hf_tokenizer(directory: str | Path) -> BPETokenizer:
+    """Read tokenizer.json if there is one (it carries the pre-tokenizer and added tokens),
+    else vocab.json + merges.txt (also under OpenAI's names encoder.json + vocab.bpe), which
+    imply GPT-2's split pattern."""
+    directory = Path(directory)
+    tokenizer_json = _find(directory, "tokenizer.json")
+    if tokenizer_json is not None:
+        return tokenizer_from_tokenizer_json(read_json(tokenizer_json, "tokenizer.json"), tokenizer_json)
+    vocab_path = _find(directory, "vocab.json", "encoder.json")
+    merges_path = _find(directory, "merges.txt", "vocab.bpe")
+    if vocab_path is None or merges_path is None:
+        raise LMForgeError(f"no tokenizer in {directory}: expected tokenizer.json, or vocab.json and merges.txt")
+    vocab = read_json(vocab_path, "vocab.json")
+    if not isinstance(vocab, dict):
+        raise LMForgeError(f"{vocab_path} must map token text to id")
+    specials = {}
+    added = _find(directory, "added_tokens.json")
+    if added is not None:
+        specials = read_json(added, "added_tokens.json")
+    return tokenizer_from_vocab(vocab, _read_merges_txt(merges_path), "gpt2", specials)
+
+
+def _pattern_from_pre_tokenizer(pre: Any, where: Path) -> str:
+    """ByteLevel with its own regex -> "gpt2"; Split(regex) then ByteLevel(use_regex=False) ->
+    that regex. Anything else is not a tiktoken-style byte-level BPE."""
+    if isinstance(pre, dict) and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        if pre.get("add_prefix_space"):
+            raise LMForgeError(f"{where}: add_prefix_space=true is not supported (lmforge encodes text as given)")
+        return "gpt2"
+    steps = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else []
+    if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel"
+            and not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space")
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
+            and "Regex" in steps[0].get("pattern", {})):
+        return pattern_name(steps[0]["pattern"]["Regex"])
+    raise LMForgeError(f"{where}: unsupported pre_tokenizer {json.dumps(pre)[:120]}; lmforge imports "
+                       "ByteLevel, or Split(regex) followed by ByteLevel(use_regex=false)")
+
+
+def tokenizer_from_tokenizer_json(d: Any, where: Path) -> BPETokenizer:
+    """A `tokenizers` library file whose model is byte-level BPE."""
+    model = d.get("model") if isinstance(d, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        raise LMForgeError(f"{where}: only BPE tokenizers can be imported (model type "
+                           f"{model.get('type') if isinstance(model, dict) else None!r})")
+    if d.get("normalizer") is not None:
+        raise LMForgeError(f"{where}: a normalizer ({d['normalizer'].get('type')}) is not supported; "
+                           "byte-level BPE encodes the text unchanged")
+    for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
+        if model.get(key):
+            raise LMForgeError(f"{where}: BPE option {key}={model[key]!r} is not supported")
+    pattern = _pattern_from_pre_tokenizer(d.get("pre_tokenizer"), where)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    specials = {t["content"]: t["id"] for t in d.get("added_tokens", []) if isinstance(t, dict)}
+    return tokenizer_from_vocab(model.get("vocab", {}), merges, pattern, specials)
+
+
+# --- export -----------------------------------------------------------------------------------
+def hf_vocab(tok: BPETokenizer) -> dict[str, int]:
+    vocab = {token_to_str(token): i for token, i in tok.ranks.items()}
+    vocab.update(tok.special_tokens)
+    return dict(sorted(vocab.items(), key=lambda item: item[1]))
+
+
+def hf_merges(tok: BPETokenizer) -> list[str]:
+    decoder = {i: token for token, i in tok.ranks.items()}
+    return [f"{token_to_str(decoder[a])} {token_to_str(decoder[b])}" for a, b in tok.merges]
+
+
+def tokenizer_json(tok: BPETokenizer) -> dict[str, Any]:
+    """The `tokenizers` library's file for this tokenizer, written directly (no dependency).
+    GPT-2's split pattern is ByteLevel's built-in regex; any other goes in a Split step."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    if tok.pattern == "gpt2":
+        pre = byte_level
+    else:
+        pre = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": hf_regex(tok.pat_str)}, "behavior": "Isolated", "invert": False},
+            {**byte_level, "use_regex": False}]}
+    added = [{"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for text, i in sorted(tok.special_tokens.items(), key=lambda x: x[1])]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": None, "pre_tokenizer": pre,
+        "post_processor": {**byte_level, "trim_offsets": False},
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": hf_vocab(tok), "merges": hf_merges(tok)},
+    }
+
+
+def write_hf_tokenizer(tok: Tokenizer, directory: str | Path, model_max_length: int | None = None) -> None:
+    """Write vocab.json, merges.txt, tokenizer.json, tokenizer_config.json and
+    special_tokens_map.json, which `AutoTokenizer.from_pretrained(directory)` loads.
+
+    transformers' GPT2Tokenizer always splits with GPT-2's regex, so tokenizer_config.json
+    names it only for a "gpt2"-pattern tokenizer; any other pattern is declared as the generic
+    PreTrainedTokenizerFast, which runs tokenizer.json as written."""
+    if not isinstance(tok, BPETokenizer):
+        raise LMForgeError(f"a {tok.kind!r} tokenizer has no Hugging Face GPT-2 form; only byte-level BPE exports")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / "vocab.json", hf_vocab(tok))
+    with atomic_open(directory / "merges.txt") as f:
+        f.write("\n".join([MERGES_HEADER, *hf_merges(tok)]) + "\n")
+    with atomic_open(directory / "tokenizer.json") as f:
+        json.dump(tokenizer_json(tok), f, ensure_ascii=False)
+    # GPT2Tokenizer defaults all three to <|endoftext|> and would add it if missing: say None then.
+    eot = EOT if tok.eot_id is not None else None
+    specials: dict[str, Any] = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
+    config: dict[str, Any] = {
+        "tokenizer_class": "GPT2Tokenizer" if tok.pattern == "gpt2" else "PreTrainedTokenizerFast",
+        "add_prefix_space": False, "add_bos_token": False, "clean_up_tokenization_spaces": False,
+        "errors": "replace", **specials,
+    }
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    write_json(directory / "tokenizer_config.json", config)
+    write_json(directory / "special_tokens_map.json", {k: v for k, v in specials.items() if v})

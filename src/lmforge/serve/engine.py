@@ -1,0 +1,332 @@
+"""The batching scheduler: one thread owns the model and steps every active sequence together.
+
+Each sequence holds a row ("slot") of one preallocated KV cache, with its own length, so
+requests that arrived at different times, with prompts of different lengths, decode in the
+same forward pass: every row feeds its last token at its own position, and a mask hides the
+cache columns a row has not filled. A new request is prefilled alone (its prompt, once per
+choice), then joins the batch at the next step. A finished or abandoned sequence gives its row
+back at once (the last row moves into the hole, so active rows stay 0..S-1 and every read of
+the cache is a plain slice).
+
+HTTP handlers talk to the engine through `Handle`s: `submit` queues a request and returns a
+handle whose asyncio queue receives one `Event` per generated token."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from ..nn.attention import KVCache
+from ..sampling import sample_next
+from .text import Detokenizer
+
+
+class SlotKVCache(KVCache):
+    """A KVCache whose rows have their own lengths (`lens`). Set the mode before each forward:
+    `prefill(row, n)` writes a prompt into rows [row, row + n) from column 0; `decode(S)` makes
+    rows [0, S) each append one token after their own last column."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        batch = self.k.shape[1]
+        self.lens = [0] * batch  # filled columns of each row
+        self._rows = slice(0, 0)
+        self._cols: torch.Tensor | None = None  # decode: the column each row writes, (S,)
+        self._end = 0
+
+    def prefill(self, row: int, n: int) -> None:
+        self._rows, self._cols, self.pos = slice(row, row + n), None, 0
+
+    def decode(self, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the positions (S, 1) of the new tokens and the attention mask (S, 1, 1, end)."""
+        device = self.k.device
+        self._rows = slice(0, S)
+        self._cols = torch.tensor(self.lens[:S], device=device)  # (S,)
+        self._end = max(self.lens[:S]) + 1
+        cols = torch.arange(self._end, device=device)  # (end,)
+        mask = cols[None, :] <= self._cols[:, None]  # (S, end): a row sees its own columns only
+        return self._cols[:, None], mask[:, None, None, :]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._rows
+        if self._cols is None:  # prefill: k, v (n, nkv, T, hs) from column 0
+            T = k.shape[2]
+            self.k[layer, rows, :, :T] = k
+            self.v[layer, rows, :, :T] = v
+            return self.k[layer, rows, :, :T], self.v[layer, rows, :, :T]
+        r = torch.arange(k.shape[0], device=k.device)  # decode: k, v (S, nkv, 1, hs)
+        self.k[layer, r, :, self._cols] = k[:, :, 0]  # row i writes column cols[i]
+        self.v[layer, r, :, self._cols] = v[:, :, 0]
+        return self.k[layer, rows, :, :self._end], self.v[layer, rows, :, :self._end]
+
+    def advance(self, n: int) -> None:
+        for i in range(self._rows.start, self._rows.stop):
+            self.lens[i] += n
+
+    def move(self, src: int, dst: int) -> None:
+        """Row src's cache becomes row dst's (every layer)."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+        self.lens[dst] = self.lens[src]
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None  # None: no log-probabilities; k: also the k most likely tokens
+    prompt_logprobs: bool = False  # log-probabilities of the prompt's tokens (for echo)
+
+
+@dataclass
+class Event:
+    """One step of one choice: the sampled token (None on a final flush) and the text it adds."""
+
+    choice: int
+    text: str
+    token: int | None = None
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" once the choice is done
+
+
+class Handle:
+    """A request as seen by the HTTP side. Events arrive on `queue` (from the engine thread);
+    an Exception on the queue means the request failed."""
+
+    def __init__(self, prompt_ids: list[int], n: int, params: SamplingParams, loop: asyncio.AbstractEventLoop):
+        self.prompt_ids, self.n, self.params, self.loop = prompt_ids, n, params, loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.prompt_logprobs: list[tuple[float | None, list[tuple[int, float]]]] | None = None
+
+    def push(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone: nobody is listening any more
+            self.cancelled = True
+
+    def cancel(self) -> None:
+        """Stop generating for this request (its rows are freed at the next step)."""
+        self.cancelled = True
+
+    async def events(self):
+        """Yield Events until every choice has finished."""
+        done = 0
+        while done < self.n:
+            item = await self.queue.get()
+            if isinstance(item, Exception):
+                raise item
+            done += item.finish_reason is not None
+            yield item
+
+
+@dataclass(eq=False)
+class _Seq:
+    handle: Handle
+    choice: int
+    detok: Detokenizer
+    generator: torch.Generator
+    generated: int = 0
+    last: int = 0  # the token to feed next
+    done: bool = False
+
+
+@dataclass
+class EngineStats:
+    finished: int = 0  # choices that ended by a stop or their length
+    cancelled: int = 0  # choices dropped because their client went away
+    tokens: int = 0  # tokens generated in all
+
+
+class Engine:
+    """Runs `model` on a background thread over up to `max_batch` sequences at once."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 16):
+        if not hasattr(model, "make_cache"):
+            from ..errors import LMForgeError
+
+            raise LMForgeError(f"serving needs a decoder model with a KV cache (gpt); got {type(model).__name__}")
+        self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
+        self.device = next(model.parameters()).device
+        self.block_size: int = model.config.block_size
+        self.cache = SlotKVCache(model.config.n_layer, max_batch, *self._kv_shape(model),
+                                 max_len=self.block_size, device=self.device,
+                                 dtype=next(model.parameters()).dtype)
+        self.rows: list[_Seq] = []  # row i of the cache belongs to rows[i]
+        self.pending: list[Handle] = []
+        self.stats = EngineStats()
+        self.model_lock = threading.Lock()  # held while the model runs (the attention probe shares it)
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _kv_shape(model) -> tuple[int, int]:
+        probe = model.make_cache(1, 1)  # (n_layer, 1, nkv, 1, hs): the model knows its own layout
+        return probe.k.shape[2], probe.k.shape[4]
+
+    # --- the HTTP side ----------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], n: int, params: SamplingParams) -> Handle:
+        handle = Handle(prompt_ids, n, params, asyncio.get_running_loop())
+        with self._cv:
+            self.pending.append(handle)
+            self._cv.notify()
+        return handle
+
+    def load(self) -> dict[str, int]:
+        with self._cv:
+            return {"active": len(self.rows), "queued": sum(h.n for h in self.pending),
+                    "slots": self.max_batch, "finished": self.stats.finished,
+                    "cancelled": self.stats.cancelled, "tokens_generated": self.stats.tokens}
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=5)
+
+    # --- the engine thread ------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self.pending and not self.rows:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                admitted = self._admit()
+            with self.model_lock, torch.no_grad():
+                for handle in admitted:
+                    self._guarded([handle], self._prefill, handle)
+                if self.rows:
+                    self._guarded([s.handle for s in self.rows], self._decode_step)
+            with self._cv:
+                self._retire()
+
+    def _guarded(self, handles: list[Handle], step, *args) -> None:
+        """Run one step; if it fails, fail the requests it was serving (the server lives on)."""
+        try:
+            step(*args)
+        except Exception as e:  # a bug or e.g. out of memory: report it to the clients
+            for h in handles:
+                h.push(e)
+                h.cancel()
+
+    def _admit(self) -> list[Handle]:
+        """Move queued requests into free rows, first come first served."""
+        self.pending = [h for h in self.pending if not h.cancelled]
+        admitted, free = [], self.max_batch - len(self.rows)
+        while self.pending and self.pending[0].n <= free:
+            handle = self.pending.pop(0)
+            free -= handle.n
+            admitted.append(handle)
+        return admitted
+
+    def _prefill(self, handle: Handle) -> None:
+        p, n, row = handle.params, handle.n, len(self.rows)
+        idx = torch.tensor([handle.prompt_ids] * n, device=self.device)  # (n, T)
+        self.cache.prefill(row, n)
+        logits = self.model(idx, cache=self.cache)  # (n, T, V)
+        if p.prompt_logprobs:
+            handle.prompt_logprobs = self._prompt_logprobs(handle.prompt_ids, logits[0], p.logprobs or 0)
+        seqs = []
+        for c in range(n):
+            gen = torch.Generator(device=self.device)
+            if p.seed is not None:
+                gen.manual_seed(p.seed + c)  # choice c of seed s is reproducible on its own
+            else:
+                gen.seed()
+            seqs.append(_Seq(handle, c, Detokenizer(self.tokenizer, p.stop), gen))
+        self.rows.extend(seqs)
+        if p.max_tokens == 0:
+            for s in seqs:
+                self._finish(s, "length")
+            return
+        self._sample(seqs, logits[:, -1])
+
+    def _decode_step(self) -> None:
+        self._retire()  # e.g. sequences that ended at their prefill
+        S = len(self.rows)
+        if S == 0:
+            return
+        idx = torch.tensor([[s.last] for s in self.rows], device=self.device)  # (S, 1)
+        positions, mask = self.cache.decode(S)
+        logits = self.model(idx, cache=self.cache, positions=positions, mask=mask)  # (S, 1, V)
+        self._sample(self.rows, logits[:, -1])
+
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """logits (k, V), one row per sequence in seqs: sample, then report each token."""
+        toks = torch.stack([sample_next(logits[i:i + 1], s.handle.params.temperature, s.handle.params.top_k,
+                                        s.handle.params.top_p, s.generator)[0]
+                            for i, s in enumerate(seqs)])  # (k,)
+        want = [s.handle.params.logprobs for s in seqs]
+        chosen = top_vals = top_ids = None
+        if any(w is not None for w in want):
+            # log-probabilities of the model's own distribution (before temperature / top-p)
+            logp = torch.log_softmax(logits.float(), dim=-1)  # (k, V)
+            chosen = logp.gather(1, toks[:, None])[:, 0].tolist()
+            k_top = max(w or 0 for w in want)
+            if k_top:
+                top = logp.topk(k_top, dim=-1)
+                top_vals, top_ids = top.values.tolist(), top.indices.tolist()
+        eot = getattr(self.tokenizer, "eot_id", None)
+        for i, (s, t) in enumerate(zip(seqs, toks.tolist())):
+            if s.handle.cancelled or s.done:
+                continue
+            if t == eot:
+                self._finish(s, "stop")
+                continue
+            s.last, s.generated = t, s.generated + 1
+            self.stats.tokens += 1
+            ev = Event(s.choice, s.detok.push(t), t)
+            if want[i] is not None:
+                ev.logprob = chosen[i]
+                ev.top = list(zip(top_ids[i][:want[i]], top_vals[i][:want[i]])) if want[i] else []
+            if s.detok.stopped:
+                ev.finish_reason = "stop"
+            elif s.generated >= s.handle.params.max_tokens:
+                ev.finish_reason = "length"
+                ev.text += s.detok.flush()
+            s.handle.push(ev)
+            if ev.finish_reason:
+                s.done = True
+                self.stats.finished += 1
+
+    def _prompt_logprobs(self, ids: list[int], logits: torch.Tensor, k: int):
+        """[(logprob of token i given tokens < i, its top k), ...]; the first token has None."""
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (T, V)
+        ids_t = torch.tensor(ids[1:], device=logp.device)
+        lp = logp[:-1].gather(1, ids_t[:, None])[:, 0].tolist() if len(ids) > 1 else []
+        tops = [[] for _ in ids]
+        if k:
+            top = logp.topk(k, dim=-1)
+            vals, idx = top.values.tolist(), top.indices.tolist()
+            tops = [[]] + [list(zip(idx[i], vals[i])) for i in range(len(ids) - 1)]
+        return [(None, [])] + [(lp[i], tops[i + 1]) for i in range(len(ids) - 1)]
+
+    def _finish(self, s: _Seq, reason: str) -> None:
+        s.done = True
+        self.stats.finished += 1
+        s.handle.push(Event(s.choice, s.detok.flush(), finish_reason=reason))
+
+    def _retire(self) -> None:
+        """Free the rows of finished and cancelled sequences; the last row fills each hole."""
+        for r in range(len(self.rows) - 1, -1, -1):
+            s = self.rows[r]
+            if not (s.done or s.handle.cancelled):
+                continue
+            if not s.done:
+                self.stats.cancelled += 1
+            last = len(self.rows) - 1
+            if r != last:
+                self.cache.move(last, r)
+                self.rows[r] = self.rows[last]
+            self.rows.pop()
