@@ -53,6 +53,7 @@ class TokenBatches:
                  device: str | torch.device = "cpu"):
         self.data, self.batch_size, self.block_size = data, batch_size, block_size
         self.device = torch.device(device)
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         for split, arr in data.splits.items():
             if len(arr) <= block_size:
@@ -69,6 +70,10 @@ class TokenBatches:
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.contiguous(), y.contiguous()
+
+    def for_rank(self, rank: int) -> None:
+        """Data parallelism: process `rank` draws its own stream of batches (seed + rank)."""
+        self.generator.manual_seed(self.seed + rank)
 
     def tokens_per_batch(self) -> int:
         return self.batch_size * self.block_size

@@ -23,7 +23,7 @@ from ..checkpoint import load_run, read_run_config, save_run
 from ..errors import LMForgeError
 from ..fileio import atomic_path, read_json, write_json
 from ..models.gpt import GPT, GPTConfig
-from ..tokenizers import Tokenizer
+from ..tokenizers import BPETokenizer, Tokenizer
 from .hf_tokenizer import read_hf_tokenizer, write_hf_tokenizer
 
 # GPT-2's module -> lmforge's, inside block i (h.i <-> blocks.i). True: a Conv1D, weight transposed.
@@ -220,7 +220,7 @@ def export_hf(run: str | Path, out: str | Path, adapter: str | Path | None = Non
     model, tok = load_run(run)
     dtype = model.tok_emb.weight.dtype
     hf_cfg = hf_config_from_gpt(model.config, tok, dtype)  # refuses non-GPT-2 shapes first
-    if tokenizer and not hasattr(tok, "ranks"):
+    if tokenizer and not isinstance(tok, BPETokenizer):
         raise LMForgeError(f"the run's {tok.kind!r} tokenizer has no Hugging Face GPT-2 form; "
                            "export the weights alone with --no-tokenizer")
     out = Path(out)

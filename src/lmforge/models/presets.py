@@ -81,9 +81,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": "seq2seq",
         "model_config": dict(vocab_size=8000, max_len=128, n_enc_layer=3, n_dec_layer=3, n_head=4,
                              n_embd=256, ffn_hidden=1024, dropout=0.1, label_smoothing=0.1),
-        "train": dict(max_iters=3000, learning_rate=1e-3, min_lr=5e-5, warmup_iters=300,
-                      weight_decay=0.0001, beta2=0.98, eval_interval=250, eval_iters=20, log_interval=10),
-        "translate": dict(max_tokens=4096, bleu_every=2, bleu_sentences=200),
+        "train": dict(max_iters=1500, learning_rate=1e-3, min_lr=5e-5, warmup_iters=150,
+                      weight_decay=0.0001, beta2=0.98, eval_interval=100, eval_iters=5, log_interval=10),
+        "translate": dict(max_tokens=2048, bleu_every=2, bleu_sentences=100),
     },
 }
 

@@ -39,6 +39,8 @@ class SlotKVCache(KVCache):
 
     def prefill(self, row: int, n: int) -> None:
         self._rows, self._cols, self.pos = slice(row, row + n), None, 0
+        for i in range(row, row + n):  # the rows may have served an earlier sequence
+            self.lens[i] = 0
 
     def decode(self, S: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the positions (S, 1) of the new tokens and the attention mask (S, 1, 1, end)."""

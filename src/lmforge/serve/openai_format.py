@@ -55,14 +55,6 @@ class Formatter:
                 "top_logprobs": [{"token": self.token_str(i), "logprob": v, "bytes": self.token_bytes(i)}
                                  for i, v in top]}
 
-    def _completion_lp(self, c: _Choice, t: int, lp: float | None, top) -> dict:
-        s = self.token_str(t)
-        entry = {"tokens": [s], "token_logprobs": [lp],
-                 "top_logprobs": [{self.token_str(i): v for i, v in top}] if self.logprobs else None,
-                 "text_offset": [c.text_offset[-1] + len(c.tokens[-1]) if c.tokens else
-                                 (len(self.prompt_texts[0]) if self.echo and False else 0)]}
-        return entry
-
     def echo_logprobs(self, prompt: int, prompt_lp) -> None:
         """Completions with echo + logprobs: the prompt's tokens come first, the first one with None."""
         for c in self.choices[prompt * self.n:(prompt + 1) * self.n]:
@@ -122,7 +114,7 @@ class Formatter:
         return out
 
     def usage(self) -> dict:
-        prompt = sum(len(p) for p in self.prompt_ids) * (1 if self.kind == "chat" else 1)
+        prompt = sum(len(p) for p in self.prompt_ids)
         completion = sum(len(c.token_ids) for c in self.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ..checkpoint import load_weights, save_run
 from ..errors import LMForgeError
 from ..fileio import atomic_path
+from . import distributed
 from .config import TrainConfig
 
 TRAINER_FILE = "trainer.pt"
@@ -44,8 +45,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel updates every tensor in one pass (no per-parameter Python loop); it exists
+    # for float parameters on CPU and CUDA and gives the same numbers as the loop.
+    fused = device.type in ("cpu", "cuda") and all(p.dtype.is_floating_point for p in params)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             foreach=device.type != "cpu" or None)
+                             fused=fused or None, foreach=None if fused else device.type != "cpu" or None)
 
 
 class Trainer:
@@ -56,31 +60,42 @@ class Trainer:
         self.cfg, self.data, self.tokenizer = cfg, data, tokenizer
         self.out_dir = Path(out_dir)
         self.run_extra = run_extra or {}
-        self.progress, self.eval_hook = progress, eval_hook
-        self.device = resolve_device(cfg.device)
+        self.device = distributed.setup(resolve_device(cfg.device))  # joins torchrun's group, if any
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.progress, self.eval_hook = progress and self.rank == 0, eval_hook
         self.model = model.to(self.device)
-        self.forward = torch.compile(model) if cfg.compile else model
+        if self.world_size > 1 and hasattr(data, "for_rank"):
+            data.for_rank(self.rank)  # each process draws its own batches
+        train_module = distributed.wrap(model, self.device)  # DDP when distributed
+        self.forward = torch.compile(train_module) if cfg.compile else train_module
+        self.eval_forward = self.forward if self.world_size == 1 else self.model  # no collectives
         self.optimizer = make_optimizer(model, cfg, self.device)
         self.iter = 0  # optimizer steps completed
         self.tokens = 0  # training tokens seen
         self.last_eval: dict[str, float] = {}
-        self._stop = False
+        self._stop = False  # set by Ctrl-C
         amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
         self.autocast = (torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype
                          else contextlib.nullcontext())
         self.scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16" and self.device.type == "cuda")
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed + self.rank)  # different dropout masks on each process
 
     # ---- checkpoints -------------------------------------------------------------------
     def save(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.save_model()
-        state = {"iter": self.iter, "tokens": self.tokens, "optimizer": self.optimizer.state_dict(),
-                 "scaler": self.scaler.state_dict(), "data": self.data.state_dict(),
-                 "rng": torch.get_rng_state(), "train_config": self.cfg.to_dict(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        with atomic_path(self.out_dir / TRAINER_FILE) as tmp:
-            torch.save(state, tmp)
+        """Every process calls this; rank 0 writes, with each rank's data position and random
+        state (the model and optimizer are the same on every rank)."""
+        ranks = distributed.gather({"data": self.data.state_dict(), "rng": torch.get_rng_state()})
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.save_model()
+            state = {"iter": self.iter, "tokens": self.tokens, "optimizer": self.optimizer.state_dict(),
+                     "scaler": self.scaler.state_dict(), "data": ranks[0]["data"],
+                     "rng": ranks[0]["rng"], "train_config": self.cfg.to_dict(),
+                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                     "ranks": ranks if self.world_size > 1 else None}
+            with atomic_path(self.out_dir / TRAINER_FILE) as tmp:
+                torch.save(state, tmp)
+        distributed.barrier()
 
     def save_model(self) -> None:
         """The model part of a checkpoint: a run directory. Subclasses change what it holds
@@ -99,15 +114,21 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # a truncated or foreign file
             raise LMForgeError(f"cannot resume: {path} is corrupt ({type(e).__name__})") from None
+        ranks = state.get("ranks") or [state]
+        if len(ranks) != self.world_size:
+            raise LMForgeError(f"cannot resume: {self.out_dir} was trained by {len(ranks)} processes and "
+                               f"this is {self.world_size}; resume with torchrun --nproc-per-node {len(ranks)}")
         self.load_model()
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.data.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        self.data.load_state_dict(ranks[self.rank]["data"])
+        torch.set_rng_state(ranks[self.rank]["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available() and self.world_size == 1:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.iter, self.tokens = state["iter"], state["tokens"]
-        self._truncate_metrics()
+        if self.rank == 0:
+            self._truncate_metrics()
+        distributed.barrier()
 
     def _truncate_metrics(self) -> None:
         """Drop log lines written after the checkpoint, so the resumed run continues the file."""
@@ -119,6 +140,8 @@ class Trainer:
         path.write_text("".join(line + "\n" for line in keep))
 
     def log(self, record: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -135,7 +158,7 @@ class Trainer:
             losses = torch.zeros(self.cfg.eval_iters)
             for i in range(self.cfg.eval_iters):
                 with self.autocast:
-                    _, loss = self.forward(*self.data.get_batch(split, generator=gen))
+                    _, loss = self.eval_forward(*self.data.get_batch(split, generator=gen))
                 losses[i] = loss.float()
             out[f"{split}_loss"] = losses.mean().item()
         self.model.train()
@@ -150,12 +173,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
-        for _ in range(cfg.gradient_accumulation_steps):
+        for micro in range(cfg.gradient_accumulation_steps):
             batch = self.data.get_batch("train")
-            with self.autocast:
-                _, loss = self.forward(*batch)
-                loss = loss / cfg.gradient_accumulation_steps
-            self.scaler.scale(loss).backward()
+            # DDP averages gradients over processes only on the last micro-batch's backward
+            with distributed.no_sync(self.forward, micro < cfg.gradient_accumulation_steps - 1):
+                with self.autocast:
+                    _, loss = self.forward(*batch)
+                    loss = loss / cfg.gradient_accumulation_steps
+                self.scaler.scale(loss).backward()
             total += loss.detach()
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -164,7 +189,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.iter += 1
-        self.tokens += self.data.tokens_per_batch() * cfg.gradient_accumulation_steps
+        self.tokens += self.data.tokens_per_batch() * cfg.gradient_accumulation_steps * self.world_size
         return total
 
     def _on_sigint(self, *_: Any) -> None:
@@ -179,14 +204,18 @@ class Trainer:
                    disable=not self.progress, dynamic_ncols=True)
         loss_sum, n_logged = torch.zeros((), device=self.device), 0
         t0, tokens0 = time.perf_counter(), self.tokens
+        stop = False  # with several processes, they agree on stopping at a log step
         try:
-            while self.iter < cfg.max_iters and not self._stop:
+            while self.iter < cfg.max_iters and not stop:
                 loss_sum += self.step()
                 n_logged += 1
                 bar.update(1)
+                stop = self._stop if self.world_size == 1 else stop
                 if self.iter % cfg.log_interval == 0 or self.iter == cfg.max_iters:
                     dt = time.perf_counter() - t0
-                    rec = {"iter": self.iter, "tokens": self.tokens, "loss": loss_sum.item() / n_logged,
+                    loss = distributed.mean_over_ranks(loss_sum).item() / n_logged  # the one host sync
+                    stop = distributed.any_rank(self._stop, self.device)
+                    rec = {"iter": self.iter, "tokens": self.tokens, "loss": loss,
                            "lr": cfg.lr_at(self.iter - 1), "tok_per_s": (self.tokens - tokens0) / max(dt, 1e-9)}
                     self.log(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tok_per_s']:,.0f}")
@@ -198,10 +227,11 @@ class Trainer:
         finally:
             signal.signal(signal.SIGINT, old_handler)
             bar.close()
-        if self._stop:
+        if stop:
             self.save()
-            print(f"interrupted: checkpoint saved at iter {self.iter} in {self.out_dir} "
-                  f"(continue with --resume)")
+            if self.rank == 0:
+                print(f"interrupted: checkpoint saved at iter {self.iter} in {self.out_dir} "
+                      f"(continue with --resume)")
         elif not self.last_eval:  # resumed at max_iters: nothing to train, still report
             self.last_eval = self.evaluate()
         return self.last_eval

@@ -11,9 +11,16 @@ import torch
 from ..models.seq2seq import Transformer
 
 
-def max_output_len(model: Transformer, src: torch.Tensor, max_len_a: float, max_len_b: int) -> int:
-    src_len = int((src != model.config.pad_id).sum(1).max())
-    return max(1, min(int(max_len_a * src_len + max_len_b), model.config.max_len - 1))
+def max_output_lens(model: Transformer, src: torch.Tensor, max_len_a: float, max_len_b: int) -> list[int]:
+    """Each sentence's own cap (so a long neighbour in the batch does not change it)."""
+    src_lens = (src != model.config.pad_id).sum(1).tolist()
+    return [max(1, min(int(max_len_a * n + max_len_b), model.config.max_len - 1)) for n in src_lens]
+
+
+def _never_special(logits: torch.Tensor, model: Transformer) -> torch.Tensor:
+    """Padding and bos are inputs only: never choose them as output. logits: (B, V)."""
+    logits[:, [model.config.pad_id, model.config.bos_id]] = float("-inf")
+    return logits
 
 
 @torch.no_grad()
@@ -22,21 +29,23 @@ def greedy_search(model: Transformer, src: torch.Tensor, max_len_a: float = 1.5,
     """src: (B, S) padded ids. Returns each sentence's output ids, eos excluded."""
     cfg = model.config
     B = src.shape[0]
-    limit = max_output_len(model, src, max_len_a, max_len_b)
+    limits = max_output_lens(model, src, max_len_a, max_len_b)
+    limit = max(limits)
     memory, src_mask = model.encode(src)
     state = model.start_decoding(memory, src_mask, limit + 1)
     tokens = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=src.device)
     out = torch.full((B, limit), cfg.eos_id, dtype=torch.long, device=src.device)
     done = torch.zeros(B, dtype=torch.bool, device=src.device)
+    capped = torch.tensor(limits, device=src.device)
     for t in range(limit):
-        logits = model.decode_step(tokens, state)[:, -1]  # (B, V)
+        logits = _never_special(model.decode_step(tokens, state)[:, -1], model)  # (B, V)
         nxt = logits.argmax(-1).masked_fill(done, cfg.eos_id)  # (B,)
         out[:, t] = nxt
-        done |= nxt == cfg.eos_id
+        done |= (nxt == cfg.eos_id) | (capped <= t + 1)
         if bool(done.all()):
             break
         tokens = nxt[:, None]
-    return [_until_eos(row, cfg.eos_id) for row in out.tolist()]
+    return [_until_eos(row[:n], cfg.eos_id) for row, n in zip(out.tolist(), limits)]
 
 
 def _until_eos(ids: list[int], eos: int) -> list[int]:
@@ -59,7 +68,8 @@ def beam_search(model: Transformer, src: torch.Tensor, beam: int = 5, alpha: flo
     finished, or at the length cap. Returns the best finished hypothesis per sentence."""
     cfg = model.config
     B, K = src.shape[0], beam
-    limit = max_output_len(model, src, max_len_a, max_len_b)
+    limits = max_output_lens(model, src, max_len_a, max_len_b)
+    limit = max(limits)
     memory, src_mask = model.encode(src)  # once per batch
     memory, src_mask = memory.repeat_interleave(K, 0), src_mask.repeat_interleave(K, 0)  # (B*K, S, C)
     state = model.start_decoding(memory, src_mask, limit + 1)
@@ -71,7 +81,8 @@ def beam_search(model: Transformer, src: torch.Tensor, beam: int = 5, alpha: flo
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     done = [False] * B
     for t in range(limit):
-        logp = torch.log_softmax(model.decode_step(tokens, state)[:, -1].float(), dim=-1)  # (B*K, V)
+        logits = _never_special(model.decode_step(tokens, state)[:, -1].float(), model)
+        logp = torch.log_softmax(logits, dim=-1)  # (B*K, V)
         V = logp.shape[-1]
         cand = (scores.view(B * K, 1) + logp).view(B, K * V)  # (B, K*V)
         top_scores, top_idx = cand.topk(2 * K, dim=1)  # (B, 2K)
@@ -92,6 +103,10 @@ def beam_search(model: Transformer, src: torch.Tensor, beam: int = 5, alpha: flo
                         finished[b].append((s / length_penalty(len(row) + 1, alpha), row))
                     continue
                 kept.append((b * K + k, tok, s))
+            if not done[b] and t + 1 >= limits[b]:  # at its length cap: the live ones finish too
+                for row, tok, s in kept:
+                    finished[b].append((s / length_penalty(t + 1, alpha), hyps[row].tolist() + [tok]))
+                done[b] = True
             if len(finished[b]) >= K:
                 done[b] = True
             while len(kept) < K:  # a done sentence (or one short of candidates): fill with dead beams
@@ -105,13 +120,6 @@ def beam_search(model: Transformer, src: torch.Tensor, beam: int = 5, alpha: flo
         tokens = torch.tensor(new_tok, device=device)[:, None]  # (B*K, 1)
         hyps = torch.cat([hyps.index_select(0, index), tokens], dim=1)
         scores = torch.tensor(new_scores, device=device).view(B, K)
-    for b in range(B):  # hit the length cap: the live hypotheses count as finished too
-        if not done[b]:
-            for k in range(K):
-                s = float(scores[b, k])
-                if s > float("-inf"):
-                    row = hyps[b * K + k].tolist()
-                    finished[b].append((s / length_penalty(len(row), alpha), row))
     return [max(f, key=lambda x: x[0])[1] if f else [] for f in finished]
 
 

@@ -1,0 +1,238 @@
+"""Domain adaptation study: LoRA vs full fine-tuning (results in docs/finetuning.md).
+
+1. Pretrain the shakespeare-small shape (6 layers, 6 heads, 384 wide) with a BPE tokenizer
+   on tinyshakespeare, with `lmforge train`.
+2. Adapt it to English image captions (Multi30k train.en; evaluated on all of val.en) with
+   `lmforge.train.finetune` (the code behind `lmforge finetune`): LoRA r=8 on the attention
+   projections, and full fine-tuning, with the same steps, batches and tokens.
+3. Each method runs in its own subprocess, so its peak RSS (VmHWM) is its own.
+4. Merge the adapter and time sampling: base vs merged vs unmerged adapter, interleaved
+   repeats in one process.
+
+    python benchmarks/finetune_study.py --work /tmp/ft-study --multi30k ../shared/data/multi30k
+
+The Multi30k files are read from --multi30k; nothing of them is written into the repo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO / "src" / "lmforge" / "assets" / "tinyshakespeare.txt"
+
+
+def sh(*args: str) -> None:
+    print("$", " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "lmforge", *args], check=True)
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+def prepare_captions(base: Path, multi30k: Path, out: Path) -> dict:
+    """train.bin = train.en, val.bin = val.en, both with the base run's tokenizer. `prepare`
+    splits one text at a fraction, moved forward to the next line break: a cut one byte before
+    train.en's final newline therefore lands exactly where val.en starts."""
+    from lmforge.data import prepare
+    from lmforge.tokenizers import load_tokenizer
+
+    train, val = multi30k / "train.en", multi30k / "val.en"
+    total = train.stat().st_size + val.stat().st_size
+    meta = prepare([train, val], str(base / "tokenizer.json"), out, (val.stat().st_size + 0.5) / total,
+                   progress=False)
+    expected = len(load_tokenizer(base / "tokenizer.json").encode(val.read_text(encoding="utf-8")))
+    assert meta["val_tokens"] == expected, (meta["val_tokens"], expected)
+    return meta
+
+
+# ---- one fine-tuning method, in its own process ---------------------------------------------
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from lmforge.data import TokenData
+    from lmforge.evaluate import split_loss
+    from lmforge.nn.lora import LoRAConfig
+    from lmforge.train.finetune import build_finetune_trainer
+
+    torch.set_num_threads(args.threads)
+    method = "full" if args.method == "full" else "lora"
+    lora = None
+    if method == "lora":
+        targets = ["all-linear"] if args.method == "lora-all" else ["attn.qkv", "attn.proj"]
+        lora = LoRAConfig(r=args.lora_r, alpha=2.0 * args.lora_r, dropout=0.0, targets=targets)
+    lr = args.full_lr if method == "full" else args.lora_lr
+    out = Path(args.work) / f"ft-{args.method}"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time
+    sets = [f"max_iters={args.ft_iters}", f"batch_size={args.batch_size}", f"learning_rate={lr}",
+            f"min_lr={lr / 10}", "warmup_iters=5", f"eval_interval={args.ft_iters}", "eval_iters=5",
+            "log_interval=1", "dropout=0.0", "weight_decay=0.0", "device=cpu"]
+    trainer = build_finetune_trainer(Path(args.work) / "base", Path(args.work) / "captions", out, method,
+                                     lora, overrides=sets, progress=False)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    rss_before = rss_kib("VmRSS")
+    t0 = time.perf_counter()
+    trainer.fit()
+    wall = time.perf_counter() - t0
+    peak = rss_kib("VmHWM")
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    tokens_per_step = args.batch_size * trainer.model.config.block_size
+    step_s = [tokens_per_step / r["tok_per_s"] for r in log if "tok_per_s" in r][3:]  # skip warm-up steps
+    data = TokenData(Path(args.work) / "captions")
+    val_after, n_tok = split_loss(trainer.model, data, "val", batch_size=16)
+    ckpt = out / ("adapter.safetensors" if method == "lora" else "model.safetensors")
+    print("RESULT " + json.dumps({
+        "method": args.method, "trainable": trainable, "total": total, "val_after": val_after,
+        "val_tokens": n_tok, "s_per_step": statistics.median(step_s), "s_per_step_all": step_s,
+        "train_wall_s": wall, "rss_before_fit_mib": rss_before / 1024, "peak_rss_mib": peak / 1024,
+        "weights_bytes": ckpt.stat().st_size, "trainer_state_bytes": (out / "trainer.pt").stat().st_size,
+        "tokens": trainer.tokens}), flush=True)
+
+
+def run_worker(args: argparse.Namespace, method: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, *forwarded(args)]
+    print("$", " ".join(cmd), flush=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    sys.stderr.write(out.stderr[-2000:])
+    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
+def forwarded(args: argparse.Namespace) -> list[str]:
+    keys = ("work", "multi30k", "ft_iters", "batch_size", "lora_r", "lora_lr", "full_lr", "threads")
+    return [a for k in keys for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+
+
+# ---- sampling speed ------------------------------------------------------------------------
+
+def sampling_speed(work: Path, repeats: int, new_tokens: int) -> dict:
+    """Seconds to generate `new_tokens` greedily (batch 1, KV cache), median over interleaved
+    repeats, for the base, the merged run and the base with the adapter unmerged."""
+    import torch
+
+    import lmforge
+    from lmforge.models.decoding import generate_ids
+
+    models = {"base": lmforge.load(work / "base")[0], "merged": lmforge.load(work / "merged")[0],
+              "adapter (unmerged)": lmforge.load(work / "base", adapter=work / "ft-lora")[0]}
+    tok = lmforge.load(work / "base")[1]
+    prompt = torch.tensor([tok.encode("A man in a blue shirt")])
+    outs, times = {}, {k: [] for k in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            t = time.perf_counter()
+            outs[name] = generate_ids(model, prompt, new_tokens, temperature=0.0)
+            times[name].append(time.perf_counter() - t)
+    res = {name: statistics.median(ts) for name, ts in times.items()}
+    res["merged_equals_adapter_output"] = bool(torch.equal(outs["merged"], outs["adapter (unmerged)"]))
+    res["merged_text"] = tok.decode(outs["merged"][0].tolist())
+    return res
+
+
+# ---- the study -------------------------------------------------------------------------------
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", required=True, help="scratch directory (runs, data)")
+    p.add_argument("--multi30k", default=str(REPO.parent / "shared" / "data" / "multi30k"))
+    p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size")
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--pretrain-iters", type=int, default=250)
+    p.add_argument("--ft-iters", type=int, default=60)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-lr", type=float, default=3e-3)
+    p.add_argument("--full-lr", type=float, default=3e-4)
+    p.add_argument("--methods", default="lora,full", help="comma list of lora, lora-all, full")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sample-repeats", type=int, default=5)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        args.method = args.worker
+        return worker(args)
+
+    work, m30k = Path(args.work), Path(args.multi30k)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    if not (work / "shk" / "meta.json").is_file():
+        sh("prepare", "--input", str(SHAKESPEARE), "--tokenizer", f"bpe:{args.vocab}", "--out", str(work / "shk"),
+           "--no-progress")
+    if not (work / "base" / "trainer.pt").is_file():
+        sh("train", "--preset", "shakespeare-small", "--data", str(work / "shk"), "--out", str(work / "base"),
+           "--no-progress", *[a for s in (f"block_size={args.block_size}", f"batch_size={args.batch_size}",
+                                         f"max_iters={args.pretrain_iters}", "dropout=0.0", "warmup_iters=20",
+                                         f"eval_interval={args.pretrain_iters}", "eval_iters=10", "device=cpu")
+                              for a in ("--set", s)])
+    t_pre = time.perf_counter() - t_start
+    meta = prepare_captions(work / "base", m30k, work / "captions")
+
+    import torch
+
+    import lmforge
+    from lmforge.adapters import merge_adapter_into_run
+    from lmforge.data import TokenData
+    from lmforge.evaluate import split_loss
+
+    torch.set_num_threads(args.threads)
+    base_model, _ = lmforge.load(work / "base")
+    val_before, n_val = split_loss(base_model, TokenData(work / "captions"), "val", batch_size=16)
+    shk_val, _ = split_loss(base_model, TokenData(work / "shk"), "val", batch_size=16)
+    del base_model
+    results = [run_worker(args, m) for m in args.methods.split(",")]
+    if not (work / "merged" / "config.json").is_file():
+        merge_adapter_into_run(work / "base", work / "ft-lora", work / "merged")
+    speed = sampling_speed(work, args.sample_repeats, new_tokens=args.block_size - 8)
+    summary = {"args": vars(args), "pretrain_s": t_pre, "captions_meta": meta, "val_before": val_before,
+               "val_tokens": n_val, "shakespeare_val_loss_of_base": shk_val, "methods": results,
+               "sampling": speed, "total_s": time.perf_counter() - t_start}
+    (work / "study.json").write_text(json.dumps(summary, indent=2))
+    print_table(summary)
+
+
+def print_table(s: dict) -> None:
+    full = next((r for r in s["methods"] if r["method"] == "full"), None)
+    print(f"\nbase: shakespeare val loss {s['shakespeare_val_loss_of_base']:.4f}; captions val loss "
+          f"{s['val_before']:.4f} over {s['val_tokens']:,} tokens\n")
+    print("| method | trainable params | val loss before | val loss after | drop | s/step | "
+          "peak RSS (MiB) | RSS growth in fit (MiB) | weights file | trainer.pt |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in s["methods"]:
+        drop = s["val_before"] - r["val_after"]
+        print(f"| {r['method']} | {r['trainable']:,} ({100 * r['trainable'] / r['total']:.2f}%) | "
+              f"{s['val_before']:.4f} | {r['val_after']:.4f} | {drop:.4f} | {r['s_per_step']:.3f} | "
+              f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - r['rss_before_fit_mib']:.0f} | "
+              f"{r['weights_bytes'] / 1e6:.2f} MB | {r['trainer_state_bytes'] / 1e6:.2f} MB |")
+    if full:
+        full_drop = s["val_before"] - full["val_after"]
+        for r in s["methods"]:
+            if r is full:
+                continue
+            print(f"\n{r['method']} vs full: recovers {100 * (s['val_before'] - r['val_after']) / full_drop:.1f}% "
+                  f"of the val-loss drop; peak RSS {100 * r['peak_rss_mib'] / full['peak_rss_mib']:.1f}%; "
+                  f"step time {r['s_per_step'] / full['s_per_step']:.3f}x; weights file "
+                  f"{100 * r['weights_bytes'] / full['weights_bytes']:.2f}%")
+    sp = s["sampling"]
+    print(f"\nsampling (median s for {s['args']['block_size'] - 8} tokens): base {sp['base']:.3f}, merged "
+          f"{sp['merged']:.3f} ({sp['merged'] / sp['base']:.3f}x), adapter unmerged "
+          f"{sp['adapter (unmerged)']:.3f} ({sp['adapter (unmerged)'] / sp['base']:.3f}x); merged output == "
+          f"adapter output: {sp['merged_equals_adapter_output']}")
+    print(f"total wall time {s['total_s']:.0f} s (pretraining {s['pretrain_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

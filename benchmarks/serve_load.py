@@ -1,0 +1,197 @@
+"""Load test for `lmforge serve`: 50 concurrent streaming requests against the batching
+scheduler, compared in the same run with the same 50 requests sent one after another.
+
+    python benchmarks/serve_load.py --out docs/serving.md
+
+Starts `lmforge serve` as a subprocess (so the client does not share the server's
+interpreter) on a random-init model of a preset's shape with the character tokenizer of the
+embedded Shakespeare text; every request generates exactly --max-tokens tokens (a character
+tokenizer has no end-of-text token and no stop strings are set), so the runs do equal work.
+Also reports the library's own `lmforge.generate` speed, without HTTP, as a reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_run(run_dir: Path, preset: str) -> None:
+    from lmforge.checkpoint import save_run
+    from lmforge.models.gpt import GPT, GPTConfig
+    from lmforge.models.presets import PRESETS
+    from lmforge.tokenizers import CharTokenizer
+
+    text = (REPO / "src/lmforge/assets/tinyshakespeare.txt").read_text(encoding="utf-8")
+    tok = CharTokenizer.train(text)
+    torch.manual_seed(0)
+    cfg = {**PRESETS[preset]["model_config"], "vocab_size": tok.vocab_size, "dropout": 0.0}
+    save_run(run_dir, GPT(GPTConfig(**cfg)), tok)
+
+
+def prompts(n: int) -> list[str]:
+    lines = ["ROMEO:", "First Citizen:\nBefore we proceed", "To be, or not to be", "KING RICHARD III:\nNow is",
+             "O", "What light through yonder window breaks?"]
+    return [lines[i % len(lines)] for i in range(n)]
+
+
+async def one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, seed: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed,
+            "stream": True}
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            tokens += 1
+            if first is None:
+                first = time.perf_counter() - t0
+    return {"latency": time.perf_counter() - t0, "ttft": first, "tokens": tokens}
+
+
+async def run_load(url: str, model: str, n: int, max_tokens: int, concurrent: bool) -> dict:
+    limits = httpx.Limits(max_connections=n + 5, max_keepalive_connections=n + 5)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        ps = prompts(n)
+        t0 = time.perf_counter()
+        if concurrent:
+            results = await asyncio.gather(*(one(client, model, p, max_tokens, i) for i, p in enumerate(ps)),
+                                           return_exceptions=True)
+        else:
+            results = []
+            for i, p in enumerate(ps):
+                try:
+                    results.append(await one(client, model, p, max_tokens, i))
+                except Exception as e:
+                    results.append(e)
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if isinstance(r, dict)]
+    lat = sorted(r["latency"] for r in ok)
+    q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else lat * 99
+    return {"requests": n, "errors": n - len(ok), "tokens": sum(r["tokens"] for r in ok), "wall": wall,
+            "tok_s": sum(r["tokens"] for r in ok) / wall, "p50": q[49], "p95": q[94],
+            "ttft_p50": statistics.median(r["ttft"] for r in ok)}
+
+
+def library_speed(run_dir: Path, n: int, max_tokens: int) -> dict:
+    """`lmforge.generate`, one prompt at a time, in this process: the model alone, no HTTP."""
+    import lmforge
+
+    model, tok = lmforge.load(run_dir, device="cpu")
+    lmforge.generate(model, tok, "warm", max_new_tokens=4)
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts(n)):
+        lmforge.generate(model, tok, p, max_new_tokens=max_tokens, temperature=0.8, seed=i)
+    wall = time.perf_counter() - t0
+    return {"tokens": n * max_tokens, "wall": wall, "tok_s": n * max_tokens / wall}
+
+
+def start_server(run_dir: Path, port: int, max_batch: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lmforge", "serve", "--run", str(run_dir), "--port", str(port),
+           "--max-batch", str(max_batch), "--device", "cpu", "--model-name", "bench"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "LMFORGE_API_KEY": ""})
+    deadline = time.time() + 60
+    while True:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).raise_for_status()
+            return proc
+        except httpx.TransportError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"server did not start: {proc.stderr.read() if proc.stderr else ''}")
+            time.sleep(0.2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="shakespeare-small", help="model shape (random init)")
+    ap.add_argument("--requests", type=int, default=50)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--out", default=None, help="write the results table into this markdown file")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        make_run(run_dir, args.preset)
+        n, m = args.requests, args.max_tokens
+        lib = library_speed(run_dir, min(n, 10), m)
+        for label, max_batch, concurrent in [("sequential (1 in flight)", 1, False),
+                                              (f"{n} concurrent, --max-batch {n}", n, True),
+                                              (f"{n} concurrent, --max-batch 16", 16, True)]:
+            port = free_port()
+            proc = start_server(run_dir, port, max_batch)
+            try:
+                url = f"http://127.0.0.1:{port}"
+                asyncio.run(run_load(url, "bench", 2, 4, False))  # warm up
+                res = asyncio.run(run_load(url, "bench", n, m, concurrent))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+            rows.append((label, res))
+            print(label, {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}, flush=True)
+    base = rows[0][1]["tok_s"]
+    table = ["| run | requests | errors | tokens | wall (s) | tokens/s | vs sequential | p50 latency (s) | "
+             "p95 latency (s) | p50 first token (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, r in rows:
+        table.append(f"| {label} | {r['requests']} | {r['errors']} | {r['tokens']} | {r['wall']:.2f} | "
+                     f"{r['tok_s']:.0f} | {r['tok_s'] / base:.2f}x | {r['p50']:.2f} | {r['p95']:.2f} | "
+                     f"{r['ttft_p50']:.3f} |")
+    table.append(f"| library `lmforge.generate`, no HTTP, 1 at a time ({min(n, 10)} prompts) | - | - | "
+                 f"{lib['tokens']} | {lib['wall']:.2f} | {lib['tok_s']:.0f} | {lib['tok_s'] / base:.2f}x | - | - | - |")
+    cmd = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
+    text = "\n".join(table)
+    print(text)
+    if args.out:
+        env = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
+               f"{torch.__version__}, model: random-init GPT of preset `{args.preset}` with the character "
+               f"tokenizer, {m} new tokens per request")
+        update_doc(Path(args.out), cmd, env, text)
+
+
+def update_doc(path: Path, cmd: str, env: str, table: str) -> None:
+    """Replace the block between the results markers in the markdown file."""
+    from lmforge.fileio import atomic_open
+
+    start, end = "<!-- serve_load results -->", "<!-- /serve_load results -->"
+    block = f"{start}\nCommand: `{cmd}`  \nSetup: {env}.\n\n{table}\n{end}"
+    doc = path.read_text(encoding="utf-8") if path.exists() else f"# Serving\n\n{start}\n{end}\n"
+    if start in doc and end in doc:
+        doc = doc[:doc.index(start)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc += "\n" + block + "\n"
+    with atomic_open(path) as f:
+        f.write(doc)
+
+
+if __name__ == "__main__":
+    main()
