@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -29,9 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "src" / "lmforge" / "assets" / "tinyshakespeare.txt"
 
 
-def sh(*args: str) -> None:
+def sh(*args: str, threads: int = 1) -> None:
     print("$", " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "lmforge", *args], check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    subprocess.run([sys.executable, "-m", "lmforge", *args], check=True, env=env)
 
 
 def rss_kib(field: str) -> int:
@@ -75,8 +77,8 @@ def worker(args: argparse.Namespace) -> None:
     if method == "lora":
         targets = ["all-linear"] if args.method == "lora-all" else ["attn.qkv", "attn.proj"]
         lora = LoRAConfig(r=args.lora_r, alpha=2.0 * args.lora_r, dropout=0.0, targets=targets)
-    lr = args.full_lr if method == "full" else args.lora_lr
-    out = Path(args.work) / f"ft-{args.method}"
+    lr = args.lr
+    out = Path(args.work) / f"ft-{args.method}-{lr:g}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run each time
     sets = [f"max_iters={args.ft_iters}", f"batch_size={args.batch_size}", f"learning_rate={lr}",
             f"min_lr={lr / 10}", "warmup_iters=5", f"eval_interval={args.ft_iters}", "eval_iters=5",
@@ -97,15 +99,16 @@ def worker(args: argparse.Namespace) -> None:
     val_after, n_tok = split_loss(trainer.model, data, "val", batch_size=16)
     ckpt = out / ("adapter.safetensors" if method == "lora" else "model.safetensors")
     print("RESULT " + json.dumps({
-        "method": args.method, "trainable": trainable, "total": total, "val_after": val_after,
+        "method": args.method, "lr": lr, "out": str(out), "trainable": trainable, "total": total, "val_after": val_after,
         "val_tokens": n_tok, "s_per_step": statistics.median(step_s), "s_per_step_all": step_s,
         "train_wall_s": wall, "rss_before_fit_mib": rss_before / 1024, "peak_rss_mib": peak / 1024,
         "weights_bytes": ckpt.stat().st_size, "trainer_state_bytes": (out / "trainer.pt").stat().st_size,
         "tokens": trainer.tokens}), flush=True)
 
 
-def run_worker(args: argparse.Namespace, method: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, *forwarded(args)]
+def run_worker(args: argparse.Namespace, spec: str) -> dict:
+    method, _, lr = spec.partition("@")
+    cmd = [sys.executable, __file__, "--worker", method, "--lr", lr, *forwarded(args)]
     print("$", " ".join(cmd), flush=True)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     sys.stderr.write(out.stderr[-2000:])
@@ -113,13 +116,13 @@ def run_worker(args: argparse.Namespace, method: str) -> dict:
 
 
 def forwarded(args: argparse.Namespace) -> list[str]:
-    keys = ("work", "multi30k", "ft_iters", "batch_size", "lora_r", "lora_lr", "full_lr", "threads")
+    keys = ("work", "multi30k", "ft_iters", "batch_size", "lora_r", "threads")
     return [a for k in keys for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
 
 
 # ---- sampling speed ------------------------------------------------------------------------
 
-def sampling_speed(work: Path, repeats: int, new_tokens: int) -> dict:
+def sampling_speed(work: Path, adapter: Path, repeats: int, new_tokens: int) -> dict:
     """Seconds to generate `new_tokens` greedily (batch 1, KV cache), median over interleaved
     repeats, for the base, the merged run and the base with the adapter unmerged."""
     import torch
@@ -128,7 +131,7 @@ def sampling_speed(work: Path, repeats: int, new_tokens: int) -> dict:
     from lmforge.models.decoding import generate_ids
 
     models = {"base": lmforge.load(work / "base")[0], "merged": lmforge.load(work / "merged")[0],
-              "adapter (unmerged)": lmforge.load(work / "base", adapter=work / "ft-lora")[0]}
+              "adapter (unmerged)": lmforge.load(work / "base", adapter=adapter)[0]}
     tok = lmforge.load(work / "base")[1]
     prompt = torch.tensor([tok.encode("A man in a blue shirt")])
     outs, times = {}, {k: [] for k in models}
@@ -155,10 +158,11 @@ def main() -> None:
     p.add_argument("--pretrain-iters", type=int, default=250)
     p.add_argument("--ft-iters", type=int, default=60)
     p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-lr", type=float, default=3e-3)
-    p.add_argument("--full-lr", type=float, default=3e-4)
-    p.add_argument("--methods", default="lora,full", help="comma list of lora, lora-all, full")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--methods", default="lora@3e-3,lora@1e-2,full@3e-4,full@1e-3",
+                   help="comma list of METHOD@LR; METHOD is lora (attention projections), lora-all or full")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (1: on a busy shared machine, 2 threads mostly wait on each other)")
+    p.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--sample-repeats", type=int, default=5)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -177,7 +181,7 @@ def main() -> None:
            "--no-progress", *[a for s in (f"block_size={args.block_size}", f"batch_size={args.batch_size}",
                                          f"max_iters={args.pretrain_iters}", "dropout=0.0", "warmup_iters=20",
                                          f"eval_interval={args.pretrain_iters}", "eval_iters=10", "device=cpu")
-                              for a in ("--set", s)])
+                              for a in ("--set", s)], threads=args.threads)
     t_pre = time.perf_counter() - t_start
     meta = prepare_captions(work / "base", m30k, work / "captions")
 
@@ -194,9 +198,10 @@ def main() -> None:
     shk_val, _ = split_loss(base_model, TokenData(work / "shk"), "val", batch_size=16)
     del base_model
     results = [run_worker(args, m) for m in args.methods.split(",")]
-    if not (work / "merged" / "config.json").is_file():
-        merge_adapter_into_run(work / "base", work / "ft-lora", work / "merged")
-    speed = sampling_speed(work, args.sample_repeats, new_tokens=args.block_size - 8)
+    best_lora = min((r for r in results if r["method"] == "lora"), key=lambda r: r["val_after"])
+    shutil.rmtree(work / "merged", ignore_errors=True)
+    merge_adapter_into_run(work / "base", best_lora["out"], work / "merged")
+    speed = sampling_speed(work, Path(best_lora["out"]), args.sample_repeats, new_tokens=args.block_size - 8)
     summary = {"args": vars(args), "pretrain_s": t_pre, "captions_meta": meta, "val_before": val_before,
                "val_tokens": n_val, "shakespeare_val_loss_of_base": shk_val, "methods": results,
                "sampling": speed, "total_s": time.perf_counter() - t_start}
@@ -205,25 +210,32 @@ def main() -> None:
 
 
 def print_table(s: dict) -> None:
-    full = next((r for r in s["methods"] if r["method"] == "full"), None)
+    """All runs, then each LoRA variant's best run against full fine-tuning's best."""
+    rows = s["methods"]
+    best = {m: min((r for r in rows if r["method"] == m), key=lambda r: r["val_after"])
+            for m in dict.fromkeys(r["method"] for r in rows)}
     print(f"\nbase: shakespeare val loss {s['shakespeare_val_loss_of_base']:.4f}; captions val loss "
           f"{s['val_before']:.4f} over {s['val_tokens']:,} tokens\n")
-    print("| method | trainable params | val loss before | val loss after | drop | s/step | "
+    print("| method | lr | trainable params | val loss before | val loss after | drop | s/step | "
           "peak RSS (MiB) | RSS growth in fit (MiB) | weights file | trainer.pt |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in s["methods"]:
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
         drop = s["val_before"] - r["val_after"]
-        print(f"| {r['method']} | {r['trainable']:,} ({100 * r['trainable'] / r['total']:.2f}%) | "
-              f"{s['val_before']:.4f} | {r['val_after']:.4f} | {drop:.4f} | {r['s_per_step']:.3f} | "
-              f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - r['rss_before_fit_mib']:.0f} | "
-              f"{r['weights_bytes'] / 1e6:.2f} MB | {r['trainer_state_bytes'] / 1e6:.2f} MB |")
+        print(f"| {r['method']}{' (best)' if best[r['method']] is r else ''} | {r['lr']:g} | {r['trainable']:,} "
+              f"({100 * r['trainable'] / r['total']:.2f}%) | {s['val_before']:.4f} | {r['val_after']:.4f} | "
+              f"{drop:.4f} | {r['s_per_step']:.3f} | {r['peak_rss_mib']:.0f} | "
+              f"{r['peak_rss_mib'] - r['rss_before_fit_mib']:.0f} | {r['weights_bytes'] / 1e6:.2f} MB | "
+              f"{r['trainer_state_bytes'] / 1e6:.2f} MB |")
+    full = best.get("full")
     if full:
         full_drop = s["val_before"] - full["val_after"]
-        for r in s["methods"]:
-            if r is full:
+        for m, r in best.items():
+            if m == "full":
                 continue
-            print(f"\n{r['method']} vs full: recovers {100 * (s['val_before'] - r['val_after']) / full_drop:.1f}% "
-                  f"of the val-loss drop; peak RSS {100 * r['peak_rss_mib'] / full['peak_rss_mib']:.1f}%; "
+            print(f"\n{m} (lr {r['lr']:g}) vs full (lr {full['lr']:g}): recovers "
+                  f"{100 * (s['val_before'] - r['val_after']) / full_drop:.1f}% of the val-loss drop; peak RSS "
+                  f"{100 * r['peak_rss_mib'] / full['peak_rss_mib']:.1f}% (growth during fit "
+                  f"{100 * (r['peak_rss_mib'] - r['rss_before_fit_mib']) / (full['peak_rss_mib'] - full['rss_before_fit_mib']):.1f}%); "
                   f"step time {r['s_per_step'] / full['s_per_step']:.3f}x; weights file "
                   f"{100 * r['weights_bytes'] / full['weights_bytes']:.2f}%")
     sp = s["sampling"]

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -113,16 +112,17 @@ def library_speed(run_dir: Path, n: int, max_tokens: int) -> dict:
     return {"tokens": n * max_tokens, "wall": wall, "tok_s": n * max_tokens / wall}
 
 
-def start_server(run_dir: Path, port: int, max_batch: int) -> subprocess.Popen:
+def start_server(run_dir: Path, port: int, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "lmforge", "serve", "--run", str(run_dir), "--port", str(port),
            "--max-batch", str(max_batch), "--device", "cpu", "--model-name", "bench"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "LMFORGE_API_KEY": ""})
-    deadline = time.time() + 60
+    env = {**os.environ, "LMFORGE_API_KEY": "", "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
     while True:
         try:
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).raise_for_status()
-            return proc
+            httpx.get(f"{url}/health", timeout=2).raise_for_status()
+            return proc, url
         except httpx.TransportError:
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"server did not start: {proc.stderr.read() if proc.stderr else ''}")
@@ -134,47 +134,58 @@ def main() -> None:
     ap.add_argument("--preset", default="shakespeare-small", help="model shape (random init)")
     ap.add_argument("--requests", type=int, default=50)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds; each round runs every setting once, "
+                                                            "interleaved, and the table shows medians")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and the library run")
     ap.add_argument("--out", default=None, help="write the results table into this markdown file")
     args = ap.parse_args()
-    torch.set_num_threads(2)
-
-    rows = []
+    torch.set_num_threads(args.threads)
+    n, m = args.requests, args.max_tokens
+    settings = [("sequential (1 in flight)", n, False), (f"{n} concurrent, --max-batch {n}", n, True),
+                (f"{n} concurrent, --max-batch 16", 16, True)]
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in settings}
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         make_run(run_dir, args.preset)
-        n, m = args.requests, args.max_tokens
-        lib = library_speed(run_dir, min(n, 10), m)
-        for label, max_batch, concurrent in [("sequential (1 in flight)", 1, False),
-                                              (f"{n} concurrent, --max-batch {n}", n, True),
-                                              (f"{n} concurrent, --max-batch 16", 16, True)]:
-            port = free_port()
-            proc = start_server(run_dir, port, max_batch)
-            try:
-                url = f"http://127.0.0.1:{port}"
+        servers = {b: start_server(run_dir, free_port(), b, args.threads) for b in {b for _, b, _ in settings}}
+        try:
+            for b, (proc, url) in servers.items():
                 asyncio.run(run_load(url, "bench", 2, 4, False))  # warm up
-                res = asyncio.run(run_load(url, "bench", n, m, concurrent))
-            finally:
+            lib = []
+            for rnd in range(args.repeats):
+                for label, b, concurrent in settings:
+                    res = asyncio.run(run_load(servers[b][1], "bench", n, m, concurrent))
+                    runs[label].append(res)
+                    print(f"round {rnd}", label, {k: round(v, 3) if isinstance(v, float) else v
+                                                   for k, v in res.items()}, flush=True)
+                lib.append(library_speed(run_dir, min(n, 10), m))
+        finally:
+            for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(timeout=30)
-            rows.append((label, res))
-            print(label, {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}, flush=True)
-    base = rows[0][1]["tok_s"]
-    table = ["| run | requests | errors | tokens | wall (s) | tokens/s | vs sequential | p50 latency (s) | "
-             "p95 latency (s) | p50 first token (s) |",
+
+    def med(rs: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in rs)
+
+    base = med(runs[settings[0][0]], "tok_s")
+    table = ["| run | requests | errors (all rounds) | tokens | wall (s) | tokens/s | vs sequential | "
+             "p50 latency (s) | p95 latency (s) | p50 first token (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for label, r in rows:
-        table.append(f"| {label} | {r['requests']} | {r['errors']} | {r['tokens']} | {r['wall']:.2f} | "
-                     f"{r['tok_s']:.0f} | {r['tok_s'] / base:.2f}x | {r['p50']:.2f} | {r['p95']:.2f} | "
-                     f"{r['ttft_p50']:.3f} |")
+    for label, rs in runs.items():
+        table.append(f"| {label} | {n} | {sum(r['errors'] for r in rs)} | {rs[0]['tokens']} | {med(rs, 'wall'):.2f} | "
+                     f"{med(rs, 'tok_s'):.0f} | {med(rs, 'tok_s') / base:.2f}x | {med(rs, 'p50'):.2f} | "
+                     f"{med(rs, 'p95'):.2f} | {med(rs, 'ttft_p50'):.3f} |")
+    lt = med(lib, "tok_s")
     table.append(f"| library `lmforge.generate`, no HTTP, 1 at a time ({min(n, 10)} prompts) | - | - | "
-                 f"{lib['tokens']} | {lib['wall']:.2f} | {lib['tok_s']:.0f} | {lib['tok_s'] / base:.2f}x | - | - | - |")
+                 f"{lib[0]['tokens']} | {med(lib, 'wall'):.2f} | {lt:.0f} | {lt / base:.2f}x | - | - | - |")
     cmd = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
     text = "\n".join(table)
     print(text)
     if args.out:
-        env = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
-               f"{torch.__version__}, model: random-init GPT of preset `{args.preset}` with the character "
-               f"tokenizer, {m} new tokens per request")
+        env = (f"{os.cpu_count()} CPU cores shared with other jobs, torch {torch.__version__}, "
+               f"{args.threads} torch thread(s); model: random-init GPT of preset `{args.preset}` with the "
+               f"character tokenizer; {m} new tokens per request, temperature 0.8; medians of {args.repeats} "
+               "interleaved rounds")
         update_doc(Path(args.out), cmd, env, text)
 
 

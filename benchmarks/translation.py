@@ -26,6 +26,13 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "multi30k"
 MARKS = (15, 30, 45, 60)
 
 
+def _minutes_trained(run_dir: Path) -> float:
+    """Training minutes at the last checkpoint (every eval records them)."""
+    from lmforge.plot import read_metrics
+
+    return max([r["minutes"] for r in read_metrics(run_dir) if "minutes" in r] or [0.0])
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from lmforge.checkpoint import save_run
     from lmforge.translate.train import build_translation_trainer
@@ -34,7 +41,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     trainer = build_translation_trainer(str(d / "train.de"), str(d / "train.en"), str(d / "val.de"),
                                         str(d / "val.en"), args.out, args.preset, args.overrides,
                                         resume=args.resume, progress=not args.no_progress)
-    clock = {"start": time.perf_counter(), "marks": [m for m in MARKS if m < args.minutes] + [args.minutes]}
+    done_before = args.clock_offset if args.clock_offset is not None else (
+        _minutes_trained(Path(args.out)) if args.resume else 0.0)  # the clock goes on after a resume
+    clock = {"start": time.perf_counter() - 60 * done_before,
+             "marks": [m for m in MARKS if done_before < m < args.minutes] + [args.minutes]}
     inner = trainer.eval_hook
 
     def hook(tr):
@@ -71,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--minutes", type=float, default=60.0)
     t.add_argument("--set", dest="overrides", action="append", default=[])
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--clock-offset", type=float, default=None,
+                   help="minutes trained before this resume (default: the last eval's record)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
     r = sub.add_parser("report")

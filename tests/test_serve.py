@@ -269,6 +269,17 @@ def test_health_answers_during_long_generation_and_disconnect_frees_slot(client,
     assert h["cancelled"] == before["cancelled"] + 1
     assert h["tokens_generated"] - before["tokens_generated"] < 2000  # the second answer was cut short
 
+    # so does a non-streaming client that gives up waiting (8 choices x 1000 tokens: seconds of work)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": NAME, "prompt": "C", "max_tokens": 1000, "n": 8},
+                   timeout=httpx.Timeout(30, read=0.5))
+    deadline = time.time() + 20
+    while (h2 := health(url))["active"] != 0:
+        assert time.time() < deadline, h2
+        time.sleep(0.02)
+    assert h2["cancelled"] == h["cancelled"] + 8
+
 
 PROMPTS = ["Line " + chr(65 + i % 26) * (1 + i % 7) for i in range(50)]  # prompts of different lengths
 

@@ -35,10 +35,16 @@ def run(args: argparse.Namespace) -> int:
     from .common import show_progress
 
     overrides = list(args.overrides) + (["compile=true"] if args.compile else [])
+    from ..train import distributed
+
+    main_rank = distributed.env_rank() == 0  # under torchrun, only rank 0 prints
     trainer = build_trainer(args.data, args.out, args.preset, args.config, overrides,
-                            resume=args.resume, progress=show_progress(args))
-    res = trainer.fit()
-    if "val_loss" in res:
+                            resume=args.resume, progress=show_progress(args), verbose=main_rank)
+    try:
+        res = trainer.fit()
+    finally:
+        distributed.cleanup()
+    if "val_loss" in res and main_rank:
         print(f"done: iter {trainer.iter}, train loss {res['train_loss']:.4f}, val loss {res['val_loss']:.4f}; "
               f"run saved in {args.out}")
     return 0

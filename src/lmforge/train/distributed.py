@@ -12,6 +12,7 @@ answering "one process, rank 0"."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from typing import Any
@@ -46,6 +47,7 @@ def setup(device: torch.device) -> torch.device:
         except (RuntimeError, ValueError) as e:
             raise LMForgeError(f"could not join the {backend} process group ({e}); "
                                f"launch with torchrun --nproc-per-node N") from None
+        atexit.register(cleanup)  # whichever command trained, leave the group cleanly
     return device
 
 
@@ -75,7 +77,7 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     # Our buffers (RoPE tables, sinusoids) are constants: no need to broadcast them each step.
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-               broadcast_buffers=False)
+               forward_sync_buffers=False)
 
 
 def no_sync(module: torch.nn.Module, skip: bool):

@@ -1,0 +1,365 @@
+"""lmforge against real peers, in one process run, contenders alternating round by round.
+
+    python benchmarks/model_zoo.py --json bench.json --markdown bench.md      (or: lmforge bench)
+
+a) training tokens/s, `char-tiny` and `shakespeare-small` shapes: lmforge's Trainer.step vs
+   transformers GPT2LMHeadModel with the same shapes, batches, threads and AdamW settings;
+   both then report the val loss after the same timed steps on the same batches.
+b) batch-1 greedy decoding, GPT-2 124M shape, 16-token prompt, 128 new tokens, fp32 and bf16:
+   lmforge (plain, and after `prepare_for_decoding`) vs transformers `generate` (KV cache on),
+   with this machine's memory bandwidth measured in the same run and the bound it implies.
+c) BPE training seconds and encoding MB/s: lmforge vs HF `tokenizers` and sentencepiece.
+d) val loss on char tinyshakespeare after a fixed budget (2,000 x 12 x 64 tokens): nnlm,
+   seed GPT (learned and sinusoidal positions) and llama-tiny, with parameters and wall time.
+
+Timings on a shared machine swing; only ratios taken side by side in the same run mean much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO / "src/lmforge/assets/tinyshakespeare.txt"
+
+
+def median_time(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """Run each contender once per round, alternating, and keep every round's seconds."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import transformers
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "load_avg": os.getloadavg()}
+
+
+# ---- a) training speed ------------------------------------------------------------------
+def bench_training(data_dir: Path, preset: str, steps: int, rounds: int) -> dict[str, Any]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmforge.data import TokenBatches, TokenData
+    from lmforge.models import build_model
+    from lmforge.models.presets import get_preset
+    from lmforge.train import TrainConfig, Trainer
+
+    p = get_preset(preset)
+    mc, tc = p["model_config"], p["train"]
+    data = TokenData(data_dir)
+    tc = {**tc, "max_iters": steps * rounds, "warmup_iters": 10, "device": "cpu"}
+    cfg = TrainConfig.from_dict(tc)
+    torch.manual_seed(0)
+    model = build_model("gpt", {**mc, "vocab_size": data.vocab_size})
+    batches = TokenBatches(data, cfg.batch_size, mc["block_size"], seed=cfg.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(model, batches, cfg, tmp, tokenizer=None, progress=False)
+    hf = GPT2LMHeadModel(GPT2Config(
+        vocab_size=data.vocab_size, n_positions=mc["block_size"], n_embd=mc["n_embd"],
+        n_layer=mc["n_layer"], n_head=mc["n_head"], resid_pdrop=mc["dropout"], embd_pdrop=mc["dropout"],
+        attn_pdrop=mc["dropout"], attn_implementation="sdpa"))
+    hf.train()
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                               weight_decay=cfg.weight_decay)
+    hf_batches = TokenBatches(data, cfg.batch_size, mc["block_size"], seed=cfg.seed)  # the same stream
+    hf_iter = [0]
+
+    def hf_step() -> None:
+        for group in hf_opt.param_groups:
+            group["lr"] = cfg.lr_at(hf_iter[0])
+        x, y = hf_batches.get_batch("train")
+        logits = hf(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), cfg.grad_clip)
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
+        hf_iter[0] += 1
+
+    def lmf_steps() -> None:
+        for _ in range(steps):
+            trainer.step()
+
+    def hf_steps() -> None:
+        for _ in range(steps):
+            hf_step()
+
+    lmf_steps(), hf_steps()  # warm-up round (not timed, counted in the tokens below)
+    times = median_time({"lmforge": lmf_steps, "transformers": hf_steps}, rounds)
+    tokens = steps * cfg.batch_size * mc["block_size"]
+    out: dict[str, Any] = {"preset": preset, "batch": cfg.batch_size, "block": mc["block_size"],
+                           "steps_per_round": steps, "rounds": rounds}
+    for name, ts in times.items():
+        out[f"{name}_tok_s"] = tokens / statistics.median(ts)
+        out[f"{name}_rounds_s"] = ts
+    out["ratio"] = out["lmforge_tok_s"] / out["transformers_tok_s"]
+    # quality after the same (rounds + 1) * steps optimizer steps on the same batches
+    gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    with torch.no_grad():
+        model.eval(), hf.eval()
+        vl, vh, g1, g2 = [], [], gen(), gen()
+        for _ in range(10):
+            vl.append(model(*batches.get_batch("val", generator=g1))[1].item())
+            x, y = batches.get_batch("val", generator=g2)
+            logits = hf(input_ids=x).logits
+            vh.append(torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1)).item())
+    out["lmforge_val_loss"], out["transformers_val_loss"] = statistics.mean(vl), statistics.mean(vh)
+    out["trained_tokens"] = (rounds + 1) * tokens
+    return out
+
+
+# ---- b) decoding speed ------------------------------------------------------------------
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
+    """GB/s reading a large tensor (torch sum) and copying it (read + write bytes); best of n."""
+    x = torch.ones(int(gib * 2**30 / 4))
+    y = torch.empty_like(x)
+    best_sum = best_copy = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter(); x.sum(); t1 = time.perf_counter()
+        y.copy_(x); t2 = time.perf_counter()
+        best_sum = max(best_sum, x.numel() * 4 / (t1 - t0) / 1e9)
+        best_copy = max(best_copy, 2 * x.numel() * 4 / (t2 - t1) / 1e9)
+    return {"read_gb_s": best_sum, "copy_gb_s": best_copy}
+
+
+def bench_decoding(rounds: int, new_tokens: int = 128, prompt_len: int = 16) -> dict[str, Any]:
+    import copy
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmforge.models.decoding import generate_ids, prepare_for_decoding
+    from lmforge.models.gpt import GPT, GPTConfig
+    from lmforge.models.presets import get_preset
+
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(**get_preset("gpt2")["model_config"])).eval()
+    hf32 = GPT2LMHeadModel(GPT2Config(attn_implementation="sdpa")).eval()
+    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+    lmf = {"lmforge plain fp32": base,
+           "lmforge fp32": prepare_for_decoding(copy.deepcopy(base)),
+           "lmforge bf16": prepare_for_decoding(copy.deepcopy(base), dtype=torch.bfloat16),
+           "lmforge int8": prepare_for_decoding(copy.deepcopy(base), int8=True)}
+    prompt = torch.randint(0, 50257, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+
+    def ours(m):
+        return lambda: generate_ids(m, prompt, new_tokens, temperature=0.0)
+
+    def theirs(m):
+        return lambda: m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+
+    fns = {"transformers fp32": theirs(hf32), "transformers bf16": theirs(hf16)}
+    fns.update({k: ours(m) for k, m in lmf.items()})
+    for fn in fns.values():  # warm-up
+        fn()
+    with torch.no_grad():
+        times = median_time(fns, rounds)
+    bw = memory_bandwidth()
+    n_params = base.num_params() - base.pos_emb.weight.numel()  # one position row is read per token
+    out: dict[str, Any] = {"new_tokens": new_tokens, "prompt": prompt_len, "rounds": rounds,
+                           "bandwidth": bw, "weight_params_per_token": n_params, "results": {}}
+    bytes_per_param = {"fp32": 4, "bf16": 2, "int8": 1}
+    for name, ts in times.items():
+        tok_s = new_tokens / statistics.median(ts)
+        kind = name.split()[-1]
+        bound = bw["read_gb_s"] * 1e9 / (n_params * bytes_per_param[kind])
+        out["results"][name] = {"tok_s": tok_s, "rounds_s": ts, "bound_tok_s": bound, "of_bound": tok_s / bound}
+    r = out["results"]
+    out["ratio_fp32"] = r["lmforge fp32"]["tok_s"] / r["transformers fp32"]["tok_s"]
+    out["ratio_bf16"] = r["lmforge bf16"]["tok_s"] / r["transformers bf16"]["tok_s"]
+    return out
+
+
+# ---- c) tokenizers ------------------------------------------------------------------------
+def bench_tokenizers(corpus: Path | None, big_vocab: int, rounds: int) -> dict[str, Any]:
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from lmforge.tokenizers import BPETokenizer
+
+    def hf_train(path: Path, vocab: int) -> Tokenizer:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train([str(path)], trainer)
+        return tok
+
+    def sp_train(path: Path, vocab: int, prefix: str):
+        spm.SentencePieceTrainer.train(input=str(path), model_prefix=prefix, vocab_size=vocab, model_type="bpe",
+                                       byte_fallback=True, num_threads=torch.get_num_threads(),
+                                       minloglevel=2, max_sentence_length=1 << 16,
+                                       input_sentence_size=0, train_extremely_large_corpus=False)
+        return spm.SentencePieceProcessor(model_file=prefix + ".model")
+
+    out: dict[str, Any] = {"train": [], "encode": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = [("tinyshakespeare 1.1 MB", SHAKESPEARE, 4096)]
+        if corpus is not None:
+            jobs.append((f"{corpus.name} {corpus.stat().st_size / 1e6:.1f} MB", corpus, big_vocab))
+        trained: dict[str, Any] = {}
+        for label, path, vocab in jobs:
+            fns = {"lmforge": lambda: trained.__setitem__("lmforge", BPETokenizer.train(path, vocab)),
+                   "HF tokenizers": lambda: trained.__setitem__("hf", hf_train(path, vocab)),
+                   "sentencepiece": lambda: trained.__setitem__("sp", sp_train(path, vocab, f"{tmp}/sp"))}
+            times = median_time(fns, rounds)
+            out["train"].append({"data": label, "vocab": vocab,
+                                 **{k: statistics.median(v) for k, v in times.items()}})
+        # encoding: the last corpus, in lines, with the tokenizers just trained on it
+        text = jobs[-1][1].read_text(encoding="utf-8")
+        lines = text.splitlines(keepends=True)
+        mb = len(text.encode("utf-8")) / 1e6
+        enc = {"lmforge encode_batch": lambda: trained["lmforge"].encode_batch(lines),
+               "HF tokenizers encode_batch": lambda: trained["hf"].encode_batch(lines),
+               "sentencepiece encode": lambda: trained["sp"].encode(lines)}
+        times = median_time(enc, rounds)
+        out["encode"] = {k: mb / statistics.median(v) for k, v in times.items()}
+        out["encode_data"] = jobs[-1][0]
+        out["encode_ratio_vs_hf"] = out["encode"]["lmforge encode_batch"] / out["encode"]["HF tokenizers encode_batch"]
+    return out
+
+
+# ---- d) quality at a fixed budget ------------------------------------------------------------
+def bench_quality(data_dir: Path, iters: int) -> list[dict[str, Any]]:
+    from lmforge.train.setup import build_trainer
+
+    contenders = [("nnlm (nnlm-char)", "nnlm-char", []),
+                  ("seed GPT, learned positions (char-tiny)", "char-tiny", []),
+                  ("seed GPT, sinusoidal positions", "char-tiny", ["pos_encoding=sinusoidal"]),
+                  ("llama-tiny", "llama-tiny", [])]
+    rows = []
+    for label, preset, extra in contenders:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            trainer = build_trainer(data_dir, Path(tmp) / "run", preset,
+                                    overrides=extra + [f"max_iters={iters}", "batch_size=12", "block_size=64",
+                                                       "device=cpu"], progress=False, verbose=False)
+            res = trainer.fit()
+            rows.append({"model": label, "preset": preset, "params": trainer.model.num_params(),
+                         "val_loss": res["val_loss"], "train_loss": res["train_loss"],
+                         "wall_s": time.perf_counter() - t0})
+    return rows
+
+
+# ---- report -------------------------------------------------------------------------------
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [f"Command: `{res['command']}`", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads; torch {m['torch']}, "
+             f"transformers {m['transformers']}, Python {m['python']}; load average at start "
+             f"{', '.join(f'{x:.1f}' for x in m['load_avg'])} (a shared machine: other jobs ran at the same time).", ""]
+    if "training" in res:
+        lines += ["### a) Training tokens/s (median of alternating rounds)", "",
+                  "| shape | batch x block | lmforge tok/s | transformers tok/s | ratio | val loss lmforge / transformers (same steps, same batches) |",
+                  "|---|---|---|---|---|---|"]
+        for r in res["training"]:
+            lines.append(f"| {r['preset']} | {r['batch']} x {r['block']} | {r['lmforge_tok_s']:,.0f} | "
+                         f"{r['transformers_tok_s']:,.0f} | **{r['ratio']:.2f}x** | "
+                         f"{r['lmforge_val_loss']:.3f} / {r['transformers_val_loss']:.3f} after {r['trained_tokens']:,} tokens |")
+        lines.append("")
+    if "decoding" in res:
+        d = res["decoding"]
+        bw = d["bandwidth"]
+        lines += ["### b) Decoding, GPT-2 124M shape, batch 1, "
+                  f"{d['prompt']}-token prompt, {d['new_tokens']} greedy tokens", "",
+                  f"Memory bandwidth measured in the same run: {bw['read_gb_s']:.1f} GB/s read (torch sum over 1 GiB), "
+                  f"{bw['copy_gb_s']:.1f} GB/s copy (read + write). Bound = read bandwidth / bytes of weights per token "
+                  f"({d['weight_params_per_token'] / 1e6:.1f}M parameters read per token).", "",
+                  "| contender | tok/s | bandwidth bound tok/s | share of bound |", "|---|---|---|---|"]
+        for name, r in d["results"].items():
+            lines.append(f"| {name} | {r['tok_s']:.1f} | {r['bound_tok_s']:.0f} | {r['of_bound']:.0%} |")
+        lines += ["", f"Ratios: fp32 **{d['ratio_fp32']:.2f}x**, bf16 **{d['ratio_bf16']:.2f}x** "
+                  "(lmforge after `prepare_for_decoding` vs transformers `generate`).", ""]
+    if "tokenizers" in res:
+        t = res["tokenizers"]
+        lines += ["### c) BPE tokenizers", "", "| training data | vocab | lmforge s | HF tokenizers s | sentencepiece s |",
+                  "|---|---|---|---|---|"]
+        for r in t["train"]:
+            lines.append(f"| {r['data']} | {r['vocab']:,} | {r['lmforge']:.2f} | {r['HF tokenizers']:.2f} | {r['sentencepiece']:.2f} |")
+        lines += ["", f"Encoding {t['encode_data']} (by lines), MB/s:", "", "| encoder | MB/s |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in t["encode"].items()]
+        lines += ["", f"lmforge / HF `encode_batch`: **{t['encode_ratio_vs_hf']:.2f}x**", ""]
+    if "quality" in res:
+        lines += ["### d) Val loss after a fixed budget (char tinyshakespeare, batch 12 x 64)", "",
+                  "| model | parameters | val loss | train loss | wall time |", "|---|---|---|---|---|"]
+        for r in res["quality"]:
+            lines.append(f"| {r['model']} | {r['params']:,} | {r['val_loss']:.3f} | {r['train_loss']:.3f} | {r['wall_s']:.0f} s |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description="lmforge vs peers: training, decoding, tokenizers, quality")
+    ap.add_argument("--parts", default="a,b,c,d", help="which of a,b,c,d to run (default all)")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds per timing")
+    ap.add_argument("--train-steps", type=int, default=10, help="optimizer steps per training round")
+    ap.add_argument("--quality-iters", type=int, default=2000)
+    ap.add_argument("--corpus", default=None, help="the 11 MB corpus (../shared/data/make-pydocs-corpus.sh); "
+                                                    "without it, part c uses tinyshakespeare only")
+    ap.add_argument("--big-vocab", type=int, default=32768)
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--markdown", default=None, help="write the markdown tables here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    from lmforge.data import prepare
+
+    hf_logging.set_verbosity_error()
+    parts = set(args.parts.split(","))
+    res: dict[str, Any] = {"command": " ".join(["python benchmarks/model_zoo.py", *(argv or sys.argv[1:])]),
+                           "machine": machine()}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp) / "shakespeare-char"
+        if parts & {"a", "d"}:
+            prepare([SHAKESPEARE], "char", data_dir, progress=False)
+        if "a" in parts:
+            res["training"] = [bench_training(data_dir, "char-tiny", args.train_steps, args.rounds),
+                               bench_training(data_dir, "shakespeare-small", max(1, args.train_steps // 5), args.rounds)]
+        if "b" in parts:
+            res["decoding"] = bench_decoding(max(2, args.rounds // 2))
+        if "c" in parts:
+            res["tokenizers"] = bench_tokenizers(Path(args.corpus) if args.corpus else None, args.big_vocab,
+                                                 max(1, args.rounds // 2))
+        if "d" in parts:
+            res["quality"] = bench_quality(data_dir, args.quality_iters)
+    text = markdown(res)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO / "src"))
+    main()
