@@ -80,6 +80,10 @@ def bench_training(data_dir: Path, preset: str, steps: int, rounds: int) -> dict
     batches = TokenBatches(data, cfg.batch_size, mc["block_size"], seed=cfg.seed)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model, batches, cfg, tmp, tokenizer=None, progress=False)
+        torch.manual_seed(0)  # the same model trained with bf16 autocast, for the record
+        bf16 = Trainer(build_model("gpt", {**mc, "vocab_size": data.vocab_size}),
+                       TokenBatches(data, cfg.batch_size, mc["block_size"], seed=cfg.seed),
+                       cfg.replace(dtype="bfloat16"), tmp, tokenizer=None, progress=False)
     hf = GPT2LMHeadModel(GPT2Config(
         vocab_size=data.vocab_size, n_positions=mc["block_size"], n_embd=mc["n_embd"],
         n_layer=mc["n_layer"], n_head=mc["n_head"], resid_pdrop=mc["dropout"], embd_pdrop=mc["dropout"],
@@ -110,8 +114,12 @@ def bench_training(data_dir: Path, preset: str, steps: int, rounds: int) -> dict
         for _ in range(steps):
             hf_step()
 
-    lmf_steps(), hf_steps()  # warm-up round (not timed, counted in the tokens below)
-    times = median_time({"lmforge": lmf_steps, "transformers": hf_steps}, rounds)
+    def bf16_steps() -> None:
+        for _ in range(steps):
+            bf16.step()
+
+    lmf_steps(), hf_steps(), bf16_steps()  # warm-up round (not timed, counted in the tokens below)
+    times = median_time({"lmforge": lmf_steps, "transformers": hf_steps, "lmforge_bf16": bf16_steps}, rounds)
     tokens = steps * cfg.batch_size * mc["block_size"]
     out: dict[str, Any] = {"preset": preset, "batch": cfg.batch_size, "block": mc["block_size"],
                            "steps_per_round": steps, "rounds": rounds}
@@ -119,6 +127,7 @@ def bench_training(data_dir: Path, preset: str, steps: int, rounds: int) -> dict
         out[f"{name}_tok_s"] = tokens / statistics.median(ts)
         out[f"{name}_rounds_s"] = ts
     out["ratio"] = out["lmforge_tok_s"] / out["transformers_tok_s"]
+    out["ratio_bf16"] = out["lmforge_bf16_tok_s"] / out["transformers_tok_s"]
     # quality after the same (rounds + 1) * steps optimizer steps on the same batches
     gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
     with torch.no_grad():
@@ -265,6 +274,7 @@ def bench_quality(data_dir: Path, iters: int) -> list[dict[str, Any]]:
             rows.append({"model": label, "preset": preset, "params": trainer.model.num_params(),
                          "val_loss": res["val_loss"], "train_loss": res["train_loss"],
                          "wall_s": time.perf_counter() - t0})
+            print(f"d) {rows[-1]}", flush=True)  # partial results survive an interrupted run
     return rows
 
 
@@ -277,11 +287,13 @@ def markdown(res: dict[str, Any]) -> str:
              f"{', '.join(f'{x:.1f}' for x in m['load_avg'])} (a shared machine: other jobs ran at the same time).", ""]
     if "training" in res:
         lines += ["### a) Training tokens/s (median of alternating rounds)", "",
-                  "| shape | batch x block | lmforge tok/s | transformers tok/s | ratio | val loss lmforge / transformers (same steps, same batches) |",
-                  "|---|---|---|---|---|---|"]
+                  "| shape | batch x block | lmforge tok/s | transformers tok/s | ratio | lmforge bf16 autocast tok/s (ratio) "
+                  "| val loss lmforge / transformers (same steps, same batches) |",
+                  "|---|---|---|---|---|---|---|"]
         for r in res["training"]:
             lines.append(f"| {r['preset']} | {r['batch']} x {r['block']} | {r['lmforge_tok_s']:,.0f} | "
                          f"{r['transformers_tok_s']:,.0f} | **{r['ratio']:.2f}x** | "
+                         f"{r['lmforge_bf16_tok_s']:,.0f} ({r['ratio_bf16']:.2f}x) | "
                          f"{r['lmforge_val_loss']:.3f} / {r['transformers_val_loss']:.3f} after {r['trained_tokens']:,} tokens |")
         lines.append("")
     if "decoding" in res:

@@ -109,6 +109,9 @@ def run_sentences(args: argparse.Namespace) -> int:
 
     if not args.run:
         raise LMForgeError("give --run RUN (a run made by `lmforge translate train` or `translate demo`)")
+    if not args.sentences and sys.stdin.isatty():
+        raise LMForgeError('give sentences to translate (lmforge translate --run RUN "Wo wohnst du?") '
+                           'or pipe them in, one a line')
     sentences = args.sentences or [line.rstrip("\n") for line in sys.stdin]
     model, tok = _load(args.run, args.device)
     for line in translate(model, tok, sentences, beam=args.beam, alpha=args.alpha, max_tokens=args.max_tokens):

@@ -179,7 +179,7 @@ def select_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     chosen: list[str] = []
     for pattern in targets:
         if pattern == ALL_LINEAR:
-            # every Linear inside the network; the output head (tied or not) stays as it is, as PEFT does
+            # every Linear but tied ones and a module named lm_head (GPT's output head), as PEFT does
             hits = [n for n in linears if n not in tied and linear_kind(n) != "lm_head"]
         else:
             hits = [n for n in linears if _matches(n, pattern)]

@@ -40,6 +40,7 @@ FINETUNE_FILE = "finetune.json"
 FINETUNE_FORMAT = "lmforge-finetune"
 # model settings a fine-tuning run may change: they alter training, not the weights' shapes
 CHANGEABLE_MODEL_KEYS = ("dropout",)
+LM_KINDS = ("gpt", "nnlm")  # models trained on TokenData's next-token batches
 
 
 def file_sha256(path: str | Path) -> str:
@@ -131,6 +132,9 @@ def build_finetune_trainer(base_run: str | Path | None, data_dir: str | Path, ou
             lora.validate()
     base_cfg = read_run_config(base_run)
     kind = base_cfg["model"]
+    if kind not in LM_KINDS:
+        raise LMForgeError(f"finetune trains language models ({', '.join(LM_KINDS)}) on prepared text; "
+                           f"{base_run} is a {kind} run: adapt it in Python with lmforge.nn.lora.apply_lora")
     weights = base_run / "model.safetensors"
     base_sha = file_sha256(weights) if weights.is_file() else None
     if resume and method == "lora" and base_sha != record.get("base_weights_sha256"):

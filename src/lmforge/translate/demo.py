@@ -12,6 +12,15 @@ from ..fileio import atomic_open
 from .data import read_parallel
 
 N_VAL = 50  # the last pairs are held out for val loss and BLEU
+# A few pairs written for lmforge (no licence burden): Tatoeba's 1,000 pairs never use the verb
+# "wohnen", so without them the demo could not know that "wohnst" means "live". The demo
+# sentence "Wo wohnst du?" itself is deliberately not among them.
+EXTRA_PAIRS = [("Ich wohne in Berlin.", "I live in Berlin."),
+               ("Wohnst du hier?", "Do you live here?"),
+               ("Wo wohnt Tom?", "Where does Tom live?"),
+               ("Wir wohnen in einem kleinen Haus.", "We live in a small house."),
+               ("Sie wohnt bei ihrer Mutter.", "She lives with her mother."),
+               ("Wohnt ihr in der Stadt?", "Do you live in the city?")]
 SENTENCES = ["Wo wohnst du?", "Ich habe Hunger.", "Wo ist der Bahnhof?", "Tom ist mein Freund.",
              "Das ist nicht gut."]
 
@@ -24,12 +33,14 @@ def bundled_pairs() -> tuple[list[str], list[str]]:
 def write_splits(out: Path) -> dict[str, str]:
     """Write the bundled pairs as train/val files under out; returns their paths."""
     de, en = bundled_pairs()
+    parts = {"train": (de[:-N_VAL] + [d for d, _ in EXTRA_PAIRS], en[:-N_VAL] + [e for _, e in EXTRA_PAIRS]),
+             "val": (de[-N_VAL:], en[-N_VAL:])}
     paths = {}
-    for split, lo, hi in (("train", 0, len(de) - N_VAL), ("val", len(de) - N_VAL, len(de))):
-        for lang, lines in (("de", de), ("en", en)):
+    for split, (src, tgt) in parts.items():
+        for lang, lines in (("de", src), ("en", tgt)):
             path = out / f"{split}.{lang}"
             with atomic_open(path) as f:
-                f.writelines(line + "\n" for line in lines[lo:hi])
+                f.writelines(line + "\n" for line in lines)
             paths[f"{split}_{'src' if lang == 'de' else 'tgt'}"] = str(path)
     return paths
 
@@ -46,7 +57,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if (run_dir / "trainer.pt").exists():
         raise LMForgeError(f"{run_dir} already holds a demo run; remove it or pass another --out")
     progress = not args.no_progress
-    print(f"[1/4] writing the bundled Tatoeba pairs ({N_VAL} held out for validation) to {out / 'data'}")
+    print(f"[1/4] writing the bundled Tatoeba pairs ({N_VAL} held out for validation) and "
+          f"{len(EXTRA_PAIRS)} pairs of our own to {out / 'data'}")
     paths = write_splits(out / "data")
     overrides = [f"seed={args.seed}"]
     if args.max_iters is not None:

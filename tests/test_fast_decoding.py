@@ -1,0 +1,58 @@
+"""prepare_for_decoding changes how weights are stored, never what the model computes."""
+
+import copy
+
+import pytest
+import torch
+
+from lmforge import GPT, GPTConfig
+from lmforge.models.decoding import GemvLinear, Int8Linear, prepare_for_decoding
+
+TINY = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=64)
+LLAMA = dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False)
+
+
+@pytest.fixture(params=[{}, LLAMA], ids=["gpt2-style", "llama-style"])
+def model(request):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**TINY, **request.param)).eval()
+
+
+def test_transposed_layout_gives_the_same_logits_and_tokens(model):
+    idx = torch.randint(0, 97, (2, 6))
+    fast = prepare_for_decoding(copy.deepcopy(model))
+    assert isinstance(fast.blocks[0].attn.qkv, GemvLinear)
+    assert fast.lm_head.weight is fast.tok_emb.weight  # still tied
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(idx), model(idx), atol=1e-5, rtol=1e-5)
+        for b in (1, 2):  # batch 1 takes numpy's vector-matrix product, batch 2 F.linear
+            a = model.generate(idx[:b], 20, temperature=0.0)
+            assert torch.equal(fast.generate(idx[:b], 20, temperature=0.0), a)
+
+
+def test_gemv_linear_single_row_matches_f_linear():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 80)
+    ref = copy.deepcopy(lin)
+    holder = torch.nn.Sequential(lin)
+    prepare_for_decoding(holder)
+    x = torch.randn(1, 1, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(holder(x), ref(x), atol=1e-5, rtol=1e-5)
+    y = holder(x.requires_grad_())  # with autograd: the ordinary path, gradients flow
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_bf16_and_int8_stay_close(model):
+    idx = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        ref = model(idx)
+        bf16 = prepare_for_decoding(copy.deepcopy(model), dtype=torch.bfloat16)(idx).float()
+        q = prepare_for_decoding(copy.deepcopy(model), int8=True)
+        assert isinstance(q.lm_head, Int8Linear)
+        int8 = q(idx)
+    scale = ref.abs().max().item()
+    assert (bf16 - ref).abs().max().item() < 0.02 * scale
+    assert (int8 - ref).abs().max().item() < 0.02 * scale
