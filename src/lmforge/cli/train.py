@@ -7,6 +7,8 @@ import argparse
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="starting point: char-tiny (default), shakespeare-small, gpt2, ...")
+    p.add_argument("--model", default=None, metavar="KIND",
+                   help="model kind (gpt, nnlm, ...): starts from the first preset of that kind")
     p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML file of settings (flat keys, as --set)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set max_iters=500 --set n_layer=6 (repeatable)")
@@ -35,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
     from .common import show_progress
 
     overrides = list(args.overrides) + (["compile=true"] if args.compile else [])
+    if getattr(args, "model", None) and not args.resume:
+        from ..models.presets import preset_for_model
+
+        args.preset = preset_for_model(args.model, args.preset)
     from ..train import distributed
 
     main_rank = distributed.env_rank() == 0  # under torchrun, only rank 0 prints

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..sampling import sample_next
@@ -56,27 +55,12 @@ def generate_ids(model, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> tor
 
 
 # ---- making batch-1 decoding fast on a CPU -------------------------------------------------
-# Decoding one token multiplies every weight matrix by one vector: the time is spent reading
+# Decoding one token multiplies every weight matrix by one vector: the time goes into reading
 # the weights from memory (GPT-2 124M in fp32: 498 MB per token), so what matters is how fast
-# the bytes stream. Measured here (../shared/PERF-NOTES.md): torch's default `F.linear` on an
-# (out, in) weight reads ~13 GB/s, the same product on an (in, out)-contiguous weight ~20 GB/s,
-# and numpy's BLAS on that layout ~30 GB/s, out of ~25-34 GB/s of memory bandwidth.
-
-
-class GemvLinear(nn.Linear):
-    """nn.Linear whose weight is stored transposed ((in, out) contiguous; `weight` is still the
-    usual (out, in) tensor, as a view) and whose single-row fp32 CPU inputs go to numpy's BLAS
-    vector-matrix product. Everything else (batches, bf16, autograd) takes F.linear."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.numel() == self.in_features and x.dtype == torch.float32 and x.device.type == "cpu"
-                and self.weight.dtype == torch.float32 and not torch.is_grad_enabled()):
-            w_t = self.weight.detach().t()  # (in, out), contiguous
-            y = torch.from_numpy(x.detach().reshape(-1).numpy() @ w_t.numpy())  # (out,)
-            if self.bias is not None:
-                y += self.bias
-            return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
+# the bytes stream. On this project's machines a vector-matrix product reads an fp32 weight
+# stored (in, out)-contiguous faster than the usual (out, in) nn.Linear layout (PERF-NOTES:
+# 19.7 vs 12.8 GB/s on an AMD Zen 4; docs/benchmarks.md: a few per cent on the Intel machine the
+# benchmarks ran on); in bf16 the usual layout was the faster one, so it is kept there.
 
 
 class Int8Linear(nn.Module):
@@ -103,11 +87,11 @@ class Int8Linear(nn.Module):
 @torch.no_grad()
 def prepare_for_decoding(model: nn.Module, dtype: torch.dtype | None = None, int8: bool = False) -> nn.Module:
     """Re-lay a model's weights for fast token-by-token inference, in place; returns it in eval
-    mode. Inference only (the model's outputs are unchanged up to float rounding):
+    mode. For inference only; outputs are unchanged up to float rounding.
     - dtype: e.g. torch.bfloat16 halves the bytes read per token;
-    - every plain nn.Linear keeps its parameters and names but stores its weight transposed and
-      becomes a GemvLinear (tied weights stay tied: the embedding reads rows of the same view);
-    - int8: replace each Linear by an Int8Linear (weight-only quantisation, CPU)."""
+    - fp32: every plain nn.Linear stores its weight transposed ((in, out) contiguous; `weight`
+      stays the usual (out, in) tensor as a view, so names, tying and state_dict are unchanged);
+    - int8: replace each plain nn.Linear by an Int8Linear (weight-only quantisation)."""
     if dtype is not None:
         model.to(dtype=dtype)
     for parent in list(model.modules()):
@@ -116,7 +100,6 @@ def prepare_for_decoding(model: nn.Module, dtype: torch.dtype | None = None, int
                 continue
             if int8:
                 setattr(parent, name, Int8Linear(child))
-            else:
+            elif child.weight.dtype == torch.float32 and child.weight.is_contiguous():
                 child.weight.data = child.weight.data.t().contiguous().t()  # (out, in) view of (in, out)
-                child.__class__ = GemvLinear
     return model.eval()

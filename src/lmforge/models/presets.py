@@ -93,3 +93,16 @@ def get_preset(name: str) -> dict[str, Any]:
         raise LMForgeError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
     p = PRESETS[name]
     return {"model": p["model"], "model_config": dict(p["model_config"]), "train": dict(p.get("train", {}))}
+
+
+def preset_for_model(kind: str, preset: str | None = None) -> str:
+    """`--model KIND`: the first preset of that kind, or check that `preset` is one."""
+    kinds = {p["model"] for p in PRESETS.values()}
+    if kind not in kinds:
+        raise LMForgeError(f"no preset trains a {kind!r} model; --model takes one of {', '.join(sorted(kinds))}")
+    if preset is None:
+        return next(name for name, p in PRESETS.items() if p["model"] == kind)
+    if get_preset(preset)["model"] != kind:
+        raise LMForgeError(f"preset {preset!r} is a {get_preset(preset)['model']} model, not {kind}; "
+                           f"drop --model or choose a {kind} preset")
+    return preset

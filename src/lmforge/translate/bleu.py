@@ -92,6 +92,7 @@ def tokenized_bleu(hyps: list[str], tok_refs: list[str]) -> tuple[float, str]:
     already tokenized, lower-cased references with no further tokenization."""
     from sacrebleu.metrics import BLEU
 
-    metric = BLEU(tokenize="none", lowercase=True)
-    score = metric.corpus_score([moses_tokenize(h) for h in hyps], [[r.strip() for r in tok_refs]])
+    hyps = [moses_tokenize(h) for h in hyps]  # tokenized on purpose: force, no warning
+    metric = BLEU(tokenize="none", lowercase=True, force=True)
+    score = metric.corpus_score(hyps, [[r.strip() for r in tok_refs]])
     return score.score, str(metric.get_signature())
