@@ -230,7 +230,10 @@ class BPETokenizer(Tokenizer):
         self, texts: Sequence[str], allowed_special: AllowedSpecial = "all"
     ) -> list[list[int]]:
         allowed = self._allowed(allowed_special)
-        return self.encoding.encode_batch(list(texts), allowed_special=allowed, disallowed_special=())
+        # A plain loop: tiktoken's encode_batch hands every text to a thread pool, which costs
+        # more than encoding a short line (10x slower on 250k lines of prose here).
+        encode = self.encoding.encode
+        return [encode(text, allowed_special=allowed, disallowed_special=()) for text in texts]
 
     def encode_reference(self, text: str, allowed_special: AllowedSpecial = "all") -> list[int]:
         """Slow pure-Python encoder with the same result as `encode` (for tests).
