@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     trainer = build_finetune_trainer(args.base, args.data, args.out, args.method, lora, args.config,
                                      overrides, resume=args.resume, progress=show_progress(args))
     res = trainer.fit()
+    if trainer.rank != 0:  # under torchrun, only rank 0 reports
+        return 0
     if "val_loss" in res:
         print(f"done: iter {trainer.iter}, train loss {res['train_loss']:.4f}, val loss {res['val_loss']:.4f}")
     base = trainer.record["base_run"]
