@@ -2,14 +2,16 @@
 
 1. Pretrain the shakespeare-small shape (6 layers, 6 heads, 384 wide) with a BPE tokenizer
    on tinyshakespeare, with `lmforge train`.
-2. Adapt it to English image captions (Multi30k train.en; evaluated on all of val.en) with
-   `lmforge.train.finetune` (the code behind `lmforge finetune`): LoRA r=8 on the attention
-   projections, and full fine-tuning, with the same steps, batches and tokens.
+2. Adapt it to English image captions with `lmforge.train.finetune` (the code behind
+   `lmforge finetune`): LoRA r=8 on the attention projections, and full fine-tuning, with the
+   same steps, batches and tokens. Training text: Multi30k train.en without its last
+   --dev-lines lines, which are the dev set that picks each method's learning rate; the
+   reported val loss is over all of val.en, which plays no part in any choice.
 3. Each method runs in its own subprocess, so its peak RSS (VmHWM) is its own.
 4. Merge the adapter and time sampling: base vs merged vs unmerged adapter, interleaved
    repeats in one process.
 
-    python benchmarks/finetune_study.py --work /tmp/ft-study --multi30k ../shared/data/multi30k
+    python benchmarks/finetune_study.py --work /tmp/ft-study --multi30k ../shared/data/multi30k --threads 2
 
 The Multi30k files are read from --multi30k; nothing of them is written into the repo.
 """
@@ -45,20 +47,34 @@ def rss_kib(field: str) -> int:
 
 # ---- data ------------------------------------------------------------------------------------
 
-def prepare_captions(base: Path, multi30k: Path, out: Path) -> dict:
-    """train.bin = train.en, val.bin = val.en, both with the base run's tokenizer. `prepare`
+def prepare_pair(base: Path, first: Path, second: Path, out: Path) -> dict:
+    """train.bin = first, val.bin = second, both with the base run's tokenizer. `prepare`
     splits one text at a fraction, moved forward to the next line break: a cut one byte before
-    train.en's final newline therefore lands exactly where val.en starts."""
+    the first file's final newline therefore lands exactly where the second starts."""
     from lmforge.data import prepare
     from lmforge.tokenizers import load_tokenizer
 
-    train, val = multi30k / "train.en", multi30k / "val.en"
-    total = train.stat().st_size + val.stat().st_size
-    meta = prepare([train, val], str(base / "tokenizer.json"), out, (val.stat().st_size + 0.5) / total,
+    total = first.stat().st_size + second.stat().st_size
+    meta = prepare([first, second], str(base / "tokenizer.json"), out, (second.stat().st_size + 0.5) / total,
                    progress=False)
-    expected = len(load_tokenizer(base / "tokenizer.json").encode(val.read_text(encoding="utf-8")))
+    expected = len(load_tokenizer(base / "tokenizer.json").encode(second.read_text(encoding="utf-8")))
     assert meta["val_tokens"] == expected, (meta["val_tokens"], expected)
     return meta
+
+
+def prepare_captions(base: Path, multi30k: Path, work: Path, dev_lines: int) -> dict:
+    """captions/: train = train.en less its last `dev_lines` lines, val = those lines (the dev
+    set: the trainer's evals and the learning-rate choice). captions-val/: val = all of val.en
+    (the reported loss; its train split, the dev lines, is unused)."""
+    lines = (multi30k / "train.en").read_text(encoding="utf-8").splitlines(keepends=True)
+    src = work / "captions-src"
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "train-head.en").write_text("".join(lines[:-dev_lines]), encoding="utf-8")
+    (src / "dev.en").write_text("".join(lines[-dev_lines:]), encoding="utf-8")
+    train_meta = prepare_pair(base, src / "train-head.en", src / "dev.en", work / "captions")
+    val_meta = prepare_pair(base, src / "dev.en", multi30k / "val.en", work / "captions-val")
+    return {"train_tokens": train_meta["train_tokens"], "dev_tokens": train_meta["val_tokens"],
+            "val_tokens": val_meta["val_tokens"], "dev_lines": dev_lines}
 
 
 # ---- one fine-tuning method, in its own process ---------------------------------------------
@@ -95,11 +111,11 @@ def worker(args: argparse.Namespace) -> None:
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     tokens_per_step = args.batch_size * trainer.model.config.block_size
     step_s = [tokens_per_step / r["tok_per_s"] for r in log if "tok_per_s" in r][3:]  # skip warm-up steps
-    data = TokenData(Path(args.work) / "captions")
-    val_after, n_tok = split_loss(trainer.model, data, "val", batch_size=16)
+    dev_after, _ = split_loss(trainer.model, TokenData(Path(args.work) / "captions"), "val", batch_size=16)
+    val_after, n_tok = split_loss(trainer.model, TokenData(Path(args.work) / "captions-val"), "val", batch_size=16)
     ckpt = out / ("adapter.safetensors" if method == "lora" else "model.safetensors")
     print("RESULT " + json.dumps({
-        "method": args.method, "lr": lr, "out": str(out), "trainable": trainable, "total": total, "val_after": val_after,
+        "method": args.method, "lr": lr, "out": str(out), "trainable": trainable, "total": total, "dev_after": dev_after, "val_after": val_after,
         "val_tokens": n_tok, "s_per_step": statistics.median(step_s), "s_per_step_all": step_s,
         "train_wall_s": wall, "rss_before_fit_mib": rss_before / 1024, "peak_rss_mib": peak / 1024,
         "weights_bytes": ckpt.stat().st_size, "trainer_state_bytes": (out / "trainer.pt").stat().st_size,
@@ -154,14 +170,19 @@ def main() -> None:
     p.add_argument("--multi30k", default=str(REPO.parent / "shared" / "data" / "multi30k"))
     p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size")
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size")
+    p.add_argument("--pretrain-batch-size", type=int, default=8)
     p.add_argument("--pretrain-iters", type=int, default=250)
+    p.add_argument("--pretrain-warmup", type=int, default=20)
+    p.add_argument("--pretrain-dropout", type=float, default=0.0)
+    p.add_argument("--dev-lines", type=int, default=1000,
+                   help="last lines of train.en held out as the dev set that picks learning rates")
     p.add_argument("--ft-iters", type=int, default=60)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--methods", default="lora@3e-3,lora@1e-2,full@3e-4,full@1e-3",
                    help="comma list of METHOD@LR; METHOD is lora (attention projections), lora-all or full")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per process (1: on a busy shared machine, 2 threads mostly wait on each other)")
+                   help="torch threads per process (use 1 on a busy shared machine: 2 threads then mostly wait on each other)")
     p.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--sample-repeats", type=int, default=5)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -178,12 +199,13 @@ def main() -> None:
            "--no-progress")
     if not (work / "base" / "trainer.pt").is_file():
         sh("train", "--preset", "shakespeare-small", "--data", str(work / "shk"), "--out", str(work / "base"),
-           "--no-progress", *[a for s in (f"block_size={args.block_size}", f"batch_size={args.batch_size}",
-                                         f"max_iters={args.pretrain_iters}", "dropout=0.0", "warmup_iters=20",
+           "--no-progress", *[a for s in (f"block_size={args.block_size}", f"batch_size={args.pretrain_batch_size}",
+                                         f"max_iters={args.pretrain_iters}", f"dropout={args.pretrain_dropout}",
+                                         f"warmup_iters={args.pretrain_warmup}",
                                          f"eval_interval={args.pretrain_iters}", "eval_iters=10", "device=cpu")
                               for a in ("--set", s)], threads=args.threads)
     t_pre = time.perf_counter() - t_start
-    meta = prepare_captions(work / "base", m30k, work / "captions")
+    meta = prepare_captions(work / "base", m30k, work, args.dev_lines)
 
     import torch
 
@@ -194,35 +216,36 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     base_model, _ = lmforge.load(work / "base")
-    val_before, n_val = split_loss(base_model, TokenData(work / "captions"), "val", batch_size=16)
+    val_before, n_val = split_loss(base_model, TokenData(work / "captions-val"), "val", batch_size=16)
+    dev_before, _ = split_loss(base_model, TokenData(work / "captions"), "val", batch_size=16)
     shk_val, _ = split_loss(base_model, TokenData(work / "shk"), "val", batch_size=16)
     del base_model
     results = [run_worker(args, m) for m in args.methods.split(",")]
-    best_lora = min((r for r in results if r["method"] == "lora"), key=lambda r: r["val_after"])
+    best_lora = min((r for r in results if r["method"] == "lora"), key=lambda r: r["dev_after"])
     shutil.rmtree(work / "merged", ignore_errors=True)
     merge_adapter_into_run(work / "base", best_lora["out"], work / "merged")
     speed = sampling_speed(work, Path(best_lora["out"]), args.sample_repeats, new_tokens=args.block_size - 8)
     summary = {"args": vars(args), "pretrain_s": t_pre, "captions_meta": meta, "val_before": val_before,
-               "val_tokens": n_val, "shakespeare_val_loss_of_base": shk_val, "methods": results,
+               "dev_before": dev_before, "val_tokens": n_val, "shakespeare_val_loss_of_base": shk_val, "methods": results,
                "sampling": speed, "total_s": time.perf_counter() - t_start}
     (work / "study.json").write_text(json.dumps(summary, indent=2))
     print_table(summary)
 
 
 def print_table(s: dict) -> None:
-    """All runs, then each LoRA variant's best run against full fine-tuning's best."""
+    """All runs, then each LoRA variant's best run (by dev loss) against full fine-tuning's best."""
     rows = s["methods"]
-    best = {m: min((r for r in rows if r["method"] == m), key=lambda r: r["val_after"])
+    best = {m: min((r for r in rows if r["method"] == m), key=lambda r: r["dev_after"])
             for m in dict.fromkeys(r["method"] for r in rows)}
     print(f"\nbase: shakespeare val loss {s['shakespeare_val_loss_of_base']:.4f}; captions val loss "
-          f"{s['val_before']:.4f} over {s['val_tokens']:,} tokens\n")
-    print("| method | lr | trainable params | val loss before | val loss after | drop | s/step | "
+          f"{s['val_before']:.4f} over {s['val_tokens']:,} tokens; dev loss {s['dev_before']:.4f}\n")
+    print("| method | lr | trainable params | dev loss after | val loss before | val loss after | drop | s/step | "
           "peak RSS (MiB) | RSS growth in fit (MiB) | weights file | trainer.pt |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         drop = s["val_before"] - r["val_after"]
         print(f"| {r['method']}{' (best)' if best[r['method']] is r else ''} | {r['lr']:g} | {r['trainable']:,} "
-              f"({100 * r['trainable'] / r['total']:.2f}%) | {s['val_before']:.4f} | {r['val_after']:.4f} | "
+              f"({100 * r['trainable'] / r['total']:.2f}%) | {r['dev_after']:.4f} | {s['val_before']:.4f} | {r['val_after']:.4f} | "
               f"{drop:.4f} | {r['s_per_step']:.3f} | {r['peak_rss_mib']:.0f} | "
               f"{r['peak_rss_mib'] - r['rss_before_fit_mib']:.0f} | {r['weights_bytes'] / 1e6:.2f} MB | "
               f"{r['trainer_state_bytes'] / 1e6:.2f} MB |")
