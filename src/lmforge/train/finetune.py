@@ -32,7 +32,7 @@ from ..models import build_model
 from ..nn.lora import LoRAConfig, apply_lora, lora_report
 from ..tokenizers import load_tokenizer
 from .config import TrainConfig
-from .setup import read_toml, split_settings
+from .setup import finish_setup, read_toml, split_settings
 from .trainer import TRAINER_FILE, Trainer
 
 METHODS = ("lora", "full")
@@ -173,9 +173,4 @@ def build_finetune_trainer(base_run: str | Path | None, data_dir: str | Path, ou
     batches = TokenBatches(data, train_cfg.batch_size, model.config.block_size, seed=train_cfg.seed)
     trainer = FinetuneTrainer(model, batches, train_cfg, out_dir, tokenizer, run_extra=run_extra,
                               progress=progress, method=method, base_config=base_cfg, record=record)
-    batches.device = trainer.device
-    if resume:
-        trainer.resume()
-        if verbose:
-            print(f"resuming {out_dir} at iter {trainer.iter} of {train_cfg.max_iters}")
-    return trainer
+    return finish_setup(trainer, batches, resume, verbose)

@@ -96,9 +96,14 @@ def build_trainer(data_dir: str | Path, out_dir: str | Path, preset: str | None 
               f"({', '.join(f'{k}={model_cfg[k]}' for k in ('n_layer', 'n_head', 'n_embd', 'block_size') if k in model_cfg)})")
     batches = TokenBatches(data, train_cfg.batch_size, model.config.block_size, seed=train_cfg.seed)
     trainer = Trainer(model, batches, train_cfg, out_dir, tokenizer, run_extra=run_extra, progress=progress)
+    return finish_setup(trainer, batches, resume, verbose)
+
+
+def finish_setup(trainer: Trainer, batches: TokenBatches, resume: bool, verbose: bool) -> Trainer:
+    """Batches go to the trainer's device; a resumed run reloads its checkpoint."""
     batches.device = trainer.device
     if resume:
         trainer.resume()
         if verbose:
-            print(f"resuming {out_dir} at iter {trainer.iter} of {train_cfg.max_iters}")
+            print(f"resuming {trainer.out_dir} at iter {trainer.iter} of {trainer.cfg.max_iters}")
     return trainer
