@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# LoRA variants: the modules each adapts (tok_emb: the token embedding and the LM head tied to it)
+LORA_TARGETS = {"lora": ["attn.qkv", "attn.proj"], "lora-all": ["all-linear"],
+                "lora-emb": ["attn.qkv", "attn.proj", "tok_emb"], "lora-qkv-emb": ["attn.qkv", "tok_emb"]}
 SHAKESPEARE = REPO / "src" / "lmforge" / "assets" / "tinyshakespeare.txt"
 
 
@@ -91,8 +94,7 @@ def worker(args: argparse.Namespace) -> None:
     method = "full" if args.method == "full" else "lora"
     lora = None
     if method == "lora":
-        targets = ["all-linear"] if args.method == "lora-all" else ["attn.qkv", "attn.proj"]
-        lora = LoRAConfig(r=args.lora_r, alpha=2.0 * args.lora_r, dropout=0.0, targets=targets)
+        lora = LoRAConfig(r=args.lora_r, alpha=2.0 * args.lora_r, dropout=0.0, targets=LORA_TARGETS[args.method])
     lr = args.lr
     out = Path(args.work) / f"ft-{args.method}-{lr:g}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run each time
@@ -180,11 +182,14 @@ def main() -> None:
     p.add_argument("--ft-iters", type=int, default=60)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--methods", default="lora@3e-3,lora@1e-2,full@3e-4,full@1e-3",
-                   help="comma list of METHOD@LR; METHOD is lora (attention projections), lora-all or full")
+                   help="comma list of METHOD@LR; METHOD is full or a LoRA variant: lora (attention "
+                        "projections), lora-all, lora-emb (attention + token embedding), lora-qkv-emb")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (use 1 on a busy shared machine: 2 threads then mostly wait on each other)")
     p.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--sample-repeats", type=int, default=5)
+    p.add_argument("--sample-method", default="lora", choices=sorted(LORA_TARGETS),
+                   help="the LoRA variant whose best run is merged and timed")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -221,7 +226,7 @@ def main() -> None:
     shk_val, _ = split_loss(base_model, TokenData(work / "shk"), "val", batch_size=16)
     del base_model
     results = [run_worker(args, m) for m in args.methods.split(",")]
-    best_lora = min((r for r in results if r["method"] == "lora"), key=lambda r: r["dev_after"])
+    best_lora = min((r for r in results if r["method"] == args.sample_method), key=lambda r: r["dev_after"])
     shutil.rmtree(work / "merged", ignore_errors=True)
     merge_adapter_into_run(work / "base", best_lora["out"], work / "merged")
     speed = sampling_speed(work, Path(best_lora["out"]), args.sample_repeats, new_tokens=args.block_size - 8)

@@ -172,6 +172,7 @@ def bench_decoding(rounds: int, new_tokens: int = 128, prompt_len: int = 16) -> 
     hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
     lmf = {"lmforge plain fp32": base,
            "lmforge fp32": prepare_for_decoding(copy.deepcopy(base)),
+           "lmforge plain bf16": copy.deepcopy(base).to(torch.bfloat16),  # nn.Linear layout, for comparison
            "lmforge bf16": prepare_for_decoding(copy.deepcopy(base), dtype=torch.bfloat16),
            "lmforge int8": prepare_for_decoding(copy.deepcopy(base), int8=True)}
     prompt = torch.randint(0, 50257, (1, prompt_len), generator=torch.Generator().manual_seed(1))

@@ -19,6 +19,7 @@ import json
 import signal
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,11 +53,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     clock = {"start": time.perf_counter() - 60 * done_before,
              "marks": [m for m in MARKS if done_before < m < args.minutes] + [args.minutes]}
     inner = trainer.eval_hook
+    recent: deque = deque(maxlen=args.average_last)  # weights at the last K evals, for averaging
 
     def hook(tr):
         res = inner(tr) if inner else {}
         minutes = (time.perf_counter() - clock["start"]) / 60
         res["minutes"] = round(minutes, 2)
+        if args.average_last:
+            recent.append({k: v.detach().clone() for k, v in tr.model.state_dict().items()})
         while clock["marks"] and minutes >= clock["marks"][0]:
             mark = clock["marks"].pop(0)
             if mark < args.minutes:
@@ -68,6 +72,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     trainer.eval_hook = hook
     res = trainer.fit()
+    if len(recent) > 1:  # checkpoint averaging: the mean of the weights at the last K evals
+        avg = {k: sum(sd[k].float() for sd in recent) / len(recent) for k in recent[0]}
+        model = trainer.model
+        model.load_state_dict({k: v.to(recent[0][k].dtype) for k, v in avg.items()})
+        save_run(Path(args.out) / "averaged", model, trainer.tokenizer,
+                 {"iter": trainer.iter, "averaged_evals": len(recent)})
     print(json.dumps({"iter": trainer.iter, **res}))
 
 
@@ -125,15 +135,22 @@ def cmd_report(args: argparse.Namespace) -> None:
         src, refs, tok_refs = src[:args.limit], refs[:args.limit], tok_refs[:args.limit]
     parity = sum(moses_tokenize(r) == t.strip() for r, t in zip(refs, tok_refs))
     rows = []
-    for snap in sorted(run.glob("at-*min"), key=lambda p: int(p.name[3:-3])) + [run]:
+    snaps = sorted(run.glob("at-*min"), key=lambda p: int(p.name[3:-3])) + [run]
+    snaps += [run / "averaged"] if (run / "averaged" / "config.json").exists() else []
+    for snap in snaps:
         model, tok = load_translator(snap)
         extra = json.loads((snap / "config.json").read_text())
         res = score(model, tok, src, refs, tok_refs, 1)
         rows.append((snap, extra, res))
         print(snap.name, extra.get("iter"), f"{res['sacrebleu']:.2f} {res['papers']:.2f}", flush=True)
+    beams = {}
+    for snap in snaps[-2 if snaps[-1].name == "averaged" else -1:]:
+        model, tok = load_translator(snap)
+        beams[snap.name] = score(model, tok, src, refs, tok_refs, args.beam)
+        b = beams[snap.name]
+        print("beam", snap.name, f"{b['sacrebleu']:.2f} {b['papers']:.2f} {b['seconds']:.1f}s", flush=True)
+    beam = beams[snaps[-1].name]  # the samples and the speed are the best-trained model's
     model, tok = load_translator(run)
-    beam = score(model, tok, src, refs, tok_refs, args.beam)
-    print("beam", f"{beam['sacrebleu']:.2f} {beam['papers']:.2f} {beam['seconds']:.1f}s", flush=True)
     # decode speed: cached greedy vs the uncached peer, same 200 sentences, same batches
     ids = encode_sentences(tok, src[:200], model.config.max_len)
     batches = [pad_batch(ids[i:i + 50], model.config.pad_id) for i in range(0, len(ids), 50)]
@@ -145,19 +162,18 @@ def cmd_report(args: argparse.Namespace) -> None:
     evals = [r for r in read_metrics(run) if "val_loss" in r]
     plot = plot_run(run, Path(args.doc).with_name("translation-loss.png"))
     size = (run / "model.safetensors").stat().st_size
-    write_doc(args, rows, beam, parity, (t_cached, t_uncached, same, len(cached)), evals, plot, size, src, refs, model)
+    write_doc(args, rows, beams, beam, parity, (t_cached, t_uncached, same, len(cached)), evals, plot, size, src, refs, model)
 
 
-def write_doc(args, rows, beam, parity, speed, evals, plot, size, src, refs, model) -> None:
+def write_doc(args, rows, beams, beam, parity, speed, evals, plot, size, src, refs, model) -> None:
     from lmforge.fileio import atomic_open
 
     t_cached, t_uncached, same, n_speed = speed
     n = len(src)
     final_iter = max(r["iter"] for r in evals) if evals else "?"
     lines = ["# German -> English translation on Multi30k (benchmark results)", "",
-             "Produced by `benchmarks/translation.py` on this project's shared 2-core CPU machine (other "
-             "engineers' jobs ran at the same time, so absolute timings are pessimistic and noisy; ratios "
-             "taken in the same process are meaningful). Multi30k is read from a path, never shipped.", "",
+             f"Produced by `benchmarks/translation.py` on {args.machine}. Multi30k is read from a path, "
+             "never shipped.", "",
              "## Commands", "", "```", args.command.strip() or "(see the doc text)",
              f"OMP_NUM_THREADS=1 python benchmarks/translation.py report --run {args.run}", "```", "",
              f"Model: {model.num_params() / 1e6:.2f}M parameters "
@@ -172,8 +188,8 @@ def write_doc(args, rows, beam, parity, speed, evals, plot, size, src, refs, mod
         it = extra.get("iter", final_iter)
         mins = extra.get("minutes", max((r.get("minutes", 0) for r in evals), default="?"))
         lines.append(f"| {snap.name} | {it} | {mins} | greedy | {res['sacrebleu']:.2f} | {res['papers']:.2f} |")
-    lines.append(f"| {Path(args.run).name} | {final_iter} | | beam {args.beam} | {beam['sacrebleu']:.2f} | "
-                 f"{beam['papers']:.2f} |")
+    for name, b in beams.items():
+        lines.append(f"| {name} | {final_iter} | | beam {args.beam} | {b['sacrebleu']:.2f} | {b['papers']:.2f} |")
     lines += ["", f"- sacreBLEU signature: `{beam['sig']}`",
               f"- papers' metric: `{beam['psig']}` against `tok/test2016.lc.norm.tok.en`, hypotheses lower-cased "
               f"and tokenized by `lmforge.translate.bleu.moses_tokenize`, which reproduces {parity} of the "
@@ -215,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--clock-offset", type=float, default=None,
                    help="minutes trained before this resume (default: the last eval's record)")
+    t.add_argument("--average-last", type=int, default=0,
+                   help="also save RUN/averaged: the mean of the weights at the last K evals")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
     r = sub.add_parser("report")
@@ -224,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--doc", default=str(ROOT / "docs" / "translation.md"))
     r.add_argument("--limit", type=int, default=None, help="score only the first N test sentences")
     r.add_argument("--command", default="", help="the exact training command, for the doc")
+    r.add_argument("--machine", default="this project's 2-core CPU machine",
+                   help="how to describe the machine and its load, for the doc")
     r.set_defaults(func=cmd_report)
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge import GPT, GPTConfig
-from lmforge.models.decoding import Int8Linear, prepare_for_decoding
+from lmforge.models.decoding import Int8Linear, PackedLinear, can_pack, prepare_for_decoding
 
 TINY = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=64)
 LLAMA = dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False)
@@ -55,3 +55,20 @@ def test_bf16_and_int8_stay_close(model):
     scale = ref.abs().max().item()
     assert (bf16 - ref).abs().max().item() < 0.02 * scale
     assert (int8 - ref).abs().max().item() < 0.02 * scale
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="torch built without oneDNN")
+def test_packed_bf16_matches_plain_bf16(model):
+    idx = torch.randint(0, 97, (2, 8))
+    plain = copy.deepcopy(model).to(torch.bfloat16)  # bf16 with the usual nn.Linear
+    packed = prepare_for_decoding(copy.deepcopy(model), dtype=torch.bfloat16)
+    assert isinstance(packed.blocks[0].attn.qkv, PackedLinear)
+    assert packed.lm_head.weight is packed.tok_emb.weight  # still tied
+    assert packed.state_dict().keys() == model.state_dict().keys()
+    with torch.no_grad():
+        a, b = plain(idx).float(), packed(idx).float()
+        step = packed(idx[:1, :1]).float()  # the batch-1 one-token shape decoding uses
+    # both round to bf16 at every layer; they may differ in summation order only
+    scale = a.abs().max().item()
+    assert (a - b).abs().max().item() < 0.01 * scale
+    assert (step - a[:1, :1]).abs().max().item() < 0.01 * scale

@@ -13,8 +13,8 @@ from lmforge.checkpoint import read_run_config, save_run
 from lmforge.errors import LMForgeError
 from lmforge.models.presets import get_preset
 from lmforge.nn import MultiHeadAttention
-from lmforge.nn.lora import (LoRALinear, apply_lora, linear_kind, lora_state_dict, merge_lora,
-                             unmerge_lora)
+from lmforge.nn.lora import (LoRAEmbedding, LoRALinear, LoRATiedLinear, apply_lora, linear_kind,
+                             lora_state_dict, merge_lora, unmerge_lora)
 from lmforge.tokenizers import CharTokenizer
 
 TINY = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -155,10 +155,81 @@ def test_tied_lm_head_is_never_wrapped():
     report = apply_lora(model, targets=["all-linear"])
     assert "lm_head" not in report.modules and len(report.modules) == 8
     assert model.lm_head.weight is model.tok_emb.weight
-    with pytest.raises(LMForgeError, match="tied"):
+    with pytest.raises(LMForgeError, match=r"tied.*target the embedding \(tok_emb\)"):
         apply_lora(tiny_gpt(), targets=["lm_head"])
     untied = tiny_gpt(tie_embeddings=False)
     assert apply_lora(untied, targets=["lm_head"]).modules == ["lm_head"]  # explicit and untied: allowed
+
+
+# ---- the token embedding (and the head tied to it) ---------------------------------------------
+
+def test_embedding_adapter_is_the_formula_and_the_tied_head_follows():
+    model = tiny_gpt().eval()
+    base = tiny_gpt().eval()
+    idx = torch.randint(0, 50, (2, 16))
+    report = apply_lora(model, targets=["attn.qkv", "tok_emb"], r=4, alpha=8, dropout=0.0)
+    assert report.modules == ["tok_emb", "blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    emb, head = model.tok_emb, model.lm_head
+    assert isinstance(emb, LoRAEmbedding) and isinstance(head, LoRATiedLinear)
+    assert head.weight is emb.weight  # still tied
+    assert (emb.lora_A.shape, emb.lora_B.shape) == ((4, 32), (50, 4))
+    with torch.no_grad():
+        assert torch.equal(model(idx), base(idx))  # B = 0: the base model, bitwise
+    train_a_few_steps(model)
+    delta = emb.lora_B @ emb.lora_A * (8 / 4)  # E' = E + (alpha / r) B A, in both uses of E
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(emb(idx), (emb.weight + delta)[idx], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(head(x), x @ (emb.weight + delta).t(), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(delta, torch.zeros_like(delta))  # the head's path trained B too
+    # the head holds no adapter tensors of its own: A and B are saved once, under tok_emb
+    assert sorted(k for k in lora_state_dict(model) if "emb" in k or "head" in k) == ["tok_emb.lora_A", "tok_emb.lora_B"]
+
+
+def test_embedding_adapter_merges_once_and_unloads_to_a_tied_plain_model():
+    model = tiny_gpt()
+    w0 = model.tok_emb.weight.detach().clone()
+    apply_lora(model, targets=["tok_emb"], r=4, alpha=8, dropout=0.0)
+    train_a_few_steps(model)
+    idx = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        unmerged = model(idx)
+        merge_lora(model)
+        torch.testing.assert_close(model(idx), unmerged, atol=1e-5, rtol=1e-5)  # added once, not twice
+        unmerge_lora(model)
+        torch.testing.assert_close(model.tok_emb.weight, w0, atol=1e-6, rtol=0)
+        merge_lora(model, unload=True)
+        assert type(model.tok_emb) is nn.Embedding and type(model.lm_head) is nn.Linear
+        assert model.lm_head.weight is model.tok_emb.weight
+        torch.testing.assert_close(model(idx), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_embedding_gradients_reach_only_a_and_b():
+    model = tiny_gpt()
+    apply_lora(model, targets=["tok_emb"], r=2, alpha=2, dropout=0.0)
+    idx = torch.randint(0, 50, (2, 16))
+    _, loss = model(idx, targets=idx)
+    loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"tok_emb.lora_A", "tok_emb.lora_B"}
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    assert model.tok_emb.lora_B.grad.abs().sum() > 0
+
+
+def test_shared_seq2seq_embedding_is_adapted_under_both_names():
+    from lmforge.models.seq2seq import Seq2SeqConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(Seq2SeqConfig(vocab_size=40, max_len=16, n_enc_layer=1, n_dec_layer=1, n_head=2,
+                                      n_embd=16, ffn_hidden=32, pad_id=0, bos_id=1, eos_id=2)).eval()
+    src, tgt = torch.randint(3, 40, (2, 6)), torch.randint(3, 40, (2, 5))
+    with torch.no_grad():
+        before = model(src, tgt)[0]
+    apply_lora(model, targets=["src_emb"], r=2, alpha=4, dropout=0.0)
+    assert model.src_emb is model.tgt_emb and isinstance(model.src_emb, LoRAEmbedding)
+    assert isinstance(model.lm_head, LoRATiedLinear)
+    with torch.no_grad():
+        assert torch.equal(model(src, tgt)[0], before)
 
 
 def test_applying_twice_is_an_error():

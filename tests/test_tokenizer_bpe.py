@@ -150,6 +150,12 @@ def test_encode_batch(tok4):
     assert tok4.encode_batch(batch) == [tok4.encode(s) for s in batch]
 
 
+@pytest.mark.parametrize("allowed", ["all", "none"])
+def test_encode_batch_with_and_without_specials(tok4, allowed):
+    batch = [f"{i} {MULTILINGUAL[i % 50:]}{EOT if i % 7 == 0 else ''} line" for i in range(200)]
+    assert tok4.encode_batch(batch, allowed_special=allowed) == [tok4.encode(s, allowed_special=allowed) for s in batch]
+
+
 # --- special tokens --------------------------------------------------------------------------
 def test_special_tokens_are_never_split(tok4):
     ids = tok4.encode(f"x{EOT}{EOT}<|pad|>y{EOT}")

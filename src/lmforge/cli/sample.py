@@ -23,14 +23,15 @@ def register(sub) -> None:
 
 
 def load_for_inference(args: argparse.Namespace):
+    """Load a run (and adapter) in eval mode with its weights laid out for fast decoding."""
     from .. import load
+    from ..models.decoding import prepare_for_decoding
     from .common import device_and_dtype
 
     device, dtype = device_and_dtype(args)
     adapter = getattr(args, "adapter", None)
-    if adapter:
-        return load(args.run, adapter=adapter, device=device, dtype=dtype)
-    return load(args.run, device=device, dtype=dtype)
+    model, tok = load(args.run, adapter=adapter, device=device, dtype=dtype)
+    return prepare_for_decoding(model), tok
 
 
 def run(args: argparse.Namespace) -> int:

@@ -67,9 +67,13 @@ def export_peft_adapter(run: str | Path, adapter: str | Path, out: str | Path, b
     """Write the lmforge adapter of `run` in PEFT's format; `base` (the exported Hugging Face
     model directory) becomes base_model_name_or_path, as an absolute path."""
     model, _ = load_run(run, adapter=adapter)  # checks that the adapter belongs to this run
-    from ..nn.lora import lora_layers
+    from ..nn.lora import LoRAEmbedding, lora_layers
 
     layers = lora_layers(model)
+    embeddings = [n for n, m in layers.items() if isinstance(m, LoRAEmbedding)]
+    if embeddings:
+        raise LMForgeError(f"this adapter also adapts the embedding ({embeddings[0]}), which PEFT's GPT-2 export "
+                           f"here does not cover; `lmforge merge` it and export the merged run instead")
     lora = model.lora_config
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():

@@ -10,6 +10,12 @@ again, at exactly the base model's inference cost.
 
 `LoRALinear` keeps nn.Linear's `weight` / `bias` names, so a base checkpoint loads unchanged
 into an adapted model; the adapter lives in `lora_A` / `lora_B`.
+
+An embedding table E (vocab, d) can be adapted the same way, E + scaling * B A with B (vocab, r)
+and A (r, d) (`LoRAEmbedding`). When the output head shares E (tied weights, as in GPT), the
+head uses the same update (`LoRATiedLinear`), so the pair stays tied and merges once. This is
+what lets a small adapter move which tokens are frequent when the new text uses words the
+base barely saw (docs/finetuning.md measures it).
 """
 
 from __future__ import annotations
@@ -117,6 +123,83 @@ class LoRALinear(nn.Module):
                 f"scaling={self.scaling:g}, merged={self.merged}")
 
 
+class LoRAEmbedding(nn.Module):
+    """A frozen nn.Embedding E plus a trainable low-rank update: E + scaling * B A, with
+    B (vocab, r) starting at zero and A (r, d) like LoRALinear's A."""
+
+    def __init__(self, base: nn.Embedding, r: int, alpha: float, rslora: bool = False):
+        super().__init__()
+        if r <= 0:
+            raise LMForgeError(f"LoRA rank r must be positive, got {r}")
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx = base.padding_idx
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, self.embedding_dim, **kw))  # (r, d)
+        self.lora_B = nn.Parameter(torch.zeros(self.num_embeddings, r, **kw))  # (vocab, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling  # (vocab, d)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(idx, self.weight, self.padding_idx)  # (..., d)
+        if self.merged:
+            return x
+        # the padding row's B gets no gradient, so it stays zero and padding stays padding
+        return x + F.embedding(idx, self.lora_B, self.padding_idx) @ self.lora_A * self.scaling
+
+    merge = LoRALinear.merge
+    unmerge = LoRALinear.unmerge
+
+    def to_embedding(self) -> nn.Embedding:
+        if not self.merged:
+            raise LMForgeError("merge() the LoRA embedding before turning it into a plain Embedding")
+        out = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        out.weight = self.weight
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, r={self.r}, scaling={self.scaling:g}, "
+                f"merged={self.merged}")
+
+
+class LoRATiedLinear(nn.Module):
+    """An output head whose weight is an adapted embedding's E: x (E + scaling B A)^T, with the
+    embedding's own A and B (it holds no adapter tensors of its own; merging the embedding
+    merges it too)."""
+
+    def __init__(self, base: nn.Linear, source: LoRAEmbedding):
+        super().__init__()
+        if base.weight is not source.weight:
+            raise LMForgeError("LoRATiedLinear needs a linear layer that shares the embedding's weight")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        object.__setattr__(self, "source", source)  # not a submodule: A and B are saved once
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # (..., vocab)
+        src = self.source
+        if src.merged:
+            return y
+        return y + F.linear(F.linear(x, src.lora_A), src.lora_B) * src.scaling
+
+    def to_linear(self) -> nn.Linear:
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        out.weight = self.weight
+        if self.bias is not None:
+            out.bias = self.bias
+        return out
+
+
 @dataclass
 class LoRAReport:
     """What apply_lora did: the adapted modules and the parameter counts."""
@@ -155,6 +238,19 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
 
 
+def embedding_modules(model: nn.Module) -> dict[str, nn.Embedding]:
+    return {n: m for n, m in model.named_modules() if type(m) is nn.Embedding}
+
+
+def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` wherever `old` is a child (a module may sit under two names, e.g. a seq2seq
+    model's shared source and target embedding)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):  # named_children() skips a repeated child
+            if child is old:
+                setattr(parent, name, new)
+
+
 def _matches(name: str, pattern: str) -> bool:
     """A pattern matches a name that ends with it at a word boundary ('.' or '_'):
     'attn.qkv' matches 'blocks.0.attn.qkv' and 'layers.0.self_attn.qkv', 'attn.q' matches
@@ -173,34 +269,39 @@ def parse_targets(targets: list[str] | str) -> list[str]:
 def select_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     """The full names of the Linear modules the target patterns pick."""
     targets = parse_targets(targets)
-    linears = linear_modules(model)
+    linears, embeddings = linear_modules(model), embedding_modules(model)
     tied = {n for n, m in linears.items() if _tied(model, m)}
-    kinds = sorted({linear_kind(n) for n in linears})
+    kinds = ", ".join(sorted({linear_kind(n) for n in linears}))
+    if embeddings:
+        kinds += f"; embeddings: {', '.join(embeddings)}"
     chosen: list[str] = []
     for pattern in targets:
         if pattern == ALL_LINEAR:
             # every Linear but tied ones and a module named lm_head (GPT's output head), as PEFT does
             hits = [n for n in linears if n not in tied and linear_kind(n) != "lm_head"]
         else:
-            hits = [n for n in linears if _matches(n, pattern)]
+            hits = [n for n in [*linears, *embeddings] if _matches(n, pattern)]
             if not hits:
                 raise LMForgeError(f"LoRA target {pattern!r} matches no linear module; this model's "
-                                   f"linear modules are: {', '.join(kinds)} (or use {ALL_LINEAR})")
+                                   f"linear modules are: {kinds} (or use {ALL_LINEAR})")
             bad = [n for n in hits if n in tied]
             if bad:
+                emb = next((e for e, m in embeddings.items() if m.weight is linears[bad[0]].weight), "the embedding")
                 raise LMForgeError(f"LoRA target {pattern!r} picks {bad[0]}, whose weight is tied to the "
-                                   f"token embedding; adapting it would change the embedding too")
+                                   f"token embedding; target the embedding ({emb}) instead: the head then "
+                                   f"gets the same update and stays tied")
         chosen += [n for n in hits if n not in chosen]
     if not chosen:
-        raise LMForgeError(f"LoRA targets {targets} select no module; linear modules: {', '.join(kinds)}")
+        raise LMForgeError(f"LoRA targets {targets} select no module; linear modules: {kinds}")
     return chosen
 
 
 def apply_lora(model: nn.Module, targets: list[str] | str = DEFAULT_TARGETS, r: int = 8, alpha: float = 16.0,
                dropout: float = 0.05, rslora: bool = False) -> LoRAReport:
-    """Wrap the target Linear modules in LoRALinear (in place), freeze every other parameter,
-    and record the settings on `model.lora_config` (what save_adapter writes)."""
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
+    """Wrap the target Linear modules in LoRALinear and Embedding modules in LoRAEmbedding (a
+    head tied to an adapted embedding follows it), in place; freeze every other parameter, and
+    record the settings on `model.lora_config` (what save_adapter writes)."""
+    if lora_layers(model):
         raise LMForgeError("the model already has LoRA adapters; merge_lora(model, unload=True) first")
     cfg = LoRAConfig(r=r, alpha=float(alpha), dropout=float(dropout), targets=parse_targets(targets),
                      rslora=rslora)
@@ -209,15 +310,21 @@ def apply_lora(model: nn.Module, targets: list[str] | str = DEFAULT_TARGETS, r: 
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, rslora))
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Embedding):
+            adapted = LoRAEmbedding(module, r, alpha, rslora)
+            for head in [m for m in linear_modules(model).values() if m.weight is module.weight]:
+                _replace_module(model, head, LoRATiedLinear(head, adapted))
+        else:
+            adapted = LoRALinear(module, r, alpha, dropout, rslora)
+        _replace_module(model, module, adapted)
     model.lora_config = cfg
     return lora_report(model)
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
+    """The modules that hold adapter tensors, by name (a shared module under its first name)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))}
 
 
 def lora_report(model: nn.Module) -> LoRAReport:
@@ -241,13 +348,13 @@ def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
         raise LMForgeError("the model has no LoRA adapters to merge")
     if not unload and any(layer.merged for layer in layers.values()):
         raise LMForgeError("the model's LoRA adapters are already merged; unmerge_lora(model) first")
-    for name, layer in layers.items():
+    for layer in layers.values():
         if not layer.merged:
             layer.merge()
-        if unload:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, layer.to_linear())
+    if unload:
+        for layer in [m for m in model.modules() if isinstance(m, LoRATiedLinear)] + list(layers.values()):
+            plain = layer.to_embedding() if isinstance(layer, LoRAEmbedding) else layer.to_linear()
+            _replace_module(model, layer, plain)
     if unload and hasattr(model, "lora_config"):
         del model.lora_config
     return model

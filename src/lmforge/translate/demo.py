@@ -13,14 +13,18 @@ from .data import read_parallel
 
 N_VAL = 50  # the last pairs are held out for val loss and BLEU
 # A few pairs written for lmforge (no licence burden): Tatoeba's 1,000 pairs never use the verb
-# "wohnen", so without them the demo could not know that "wohnst" means "live". The demo
-# sentence "Wo wohnst du?" itself is deliberately not among them.
+# "wohnen", and never ask "Wo ... du?" with a verb that English turns into "Where do you ...?",
+# so without them the demo could not translate its own first sentence. "Wo wohnst du?" itself
+# (or a synonym such as "Wo lebst du?") is deliberately not among them.
 EXTRA_PAIRS = [("Ich wohne in Berlin.", "I live in Berlin."),
                ("Wohnst du hier?", "Do you live here?"),
                ("Wo wohnt Tom?", "Where does Tom live?"),
                ("Wir wohnen in einem kleinen Haus.", "We live in a small house."),
                ("Sie wohnt bei ihrer Mutter.", "She lives with her mother."),
-               ("Wohnt ihr in der Stadt?", "Do you live in the city?")]
+               ("Wohnt ihr in der Stadt?", "Do you live in the city?"),
+               ("Wo arbeitest du?", "Where do you work?"),
+               ("Wo schläfst du?", "Where do you sleep?"),
+               ("Wo spielst du Tennis?", "Where do you play tennis?")]
 SENTENCES = ["Wo wohnst du?", "Ich habe Hunger.", "Wo ist der Bahnhof?", "Tom ist mein Freund.",
              "Das ist nicht gut."]
 
