@@ -58,6 +58,16 @@ class LoRAConfig(ConfigBase):
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
+def plain_linear(layer: nn.Module) -> nn.Linear:
+    """An nn.Linear sharing `layer`'s weight and bias Parameters (ties stay ties)."""
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                    device=layer.weight.device, dtype=layer.weight.dtype)
+    out.weight = layer.weight
+    if layer.bias is not None:
+        out.bias = layer.bias
+    return out
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update."""
 
@@ -111,12 +121,7 @@ class LoRALinear(nn.Module):
         """A plain nn.Linear holding the current (merged) weight, for shipping a merged model."""
         if not self.merged:
             raise LMForgeError("merge() the LoRA layer before turning it into a plain Linear")
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
-        out.weight = self.weight
-        if self.bias is not None:
-            out.bias = self.bias
-        return out
+        return plain_linear(self)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
@@ -192,12 +197,7 @@ class LoRATiedLinear(nn.Module):
         return y + F.linear(F.linear(x, src.lora_A), src.lora_B) * src.scaling
 
     def to_linear(self) -> nn.Linear:
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
-        out.weight = self.weight
-        if self.bias is not None:
-            out.bias = self.bias
-        return out
+        return plain_linear(self)
 
 
 @dataclass
