@@ -1,5 +1,6 @@
 """Data parallelism on CPU: 2 processes (gloo) with per-rank batch B train exactly like one
-process with batch 2B on the same data; their checkpoint loads in a single process."""
+process with batch 2B on the same data, replicated (DDP) or sharded (FSDP); their checkpoint
+loads in a single process."""
 
 import json
 import os
@@ -51,10 +52,12 @@ class SlicedBatches:
         self.step = state["step"]
 
 
-def train(out_dir, world: int, steps: int = STEPS, resume: bool = False) -> Trainer:
+def train(out_dir, world: int, steps: int = STEPS, resume: bool = False, fsdp: bool = False,
+          accumulation: int = 1) -> Trainer:
     torch.manual_seed(0)
     cfg = TrainConfig(max_iters=steps, batch_size=2 * B // world, log_interval=1, eval_interval=3,
-                      eval_iters=1, warmup_iters=2, learning_rate=3e-3, device="cpu")
+                      eval_iters=1, warmup_iters=2, learning_rate=3e-3, device="cpu", fsdp=fsdp,
+                      gradient_accumulation_steps=accumulation)
     trainer = Trainer(GPT(GPTConfig(**MODEL)), SlicedBatches(world), cfg, out_dir,
                       CharTokenizer.from_text("abcdefghijklmnopqrst"), progress=False)
     if resume:
@@ -63,23 +66,25 @@ def train(out_dir, world: int, steps: int = STEPS, resume: bool = False) -> Trai
     return trainer
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, steps: int, resume: bool) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, steps: int, resume: bool, fsdp: bool,
+            accumulation: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from lmforge.train import distributed
 
     try:
-        train(out_dir, world, steps, resume)
+        train(out_dir, world, steps, resume, fsdp, accumulation)
     finally:
         distributed.cleanup()
 
 
-def run_two_ranks(out_dir, steps: int = STEPS, resume: bool = False) -> None:
+def run_two_ranks(out_dir, steps: int = STEPS, resume: bool = False, fsdp: bool = False,
+                  accumulation: int = 1) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(out_dir), steps, resume), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, port, str(out_dir), steps, resume, fsdp, accumulation), nprocs=2, join=True)
 
 
 def records(run_dir, key):
@@ -119,3 +124,30 @@ def test_two_rank_resume_is_exact(tmp_path):
         assert [i for i, _ in a] == [i for i, _ in b]
         for (_, la), (_, lb) in zip(a, b):
             assert la == pytest.approx(lb, abs=1e-6)
+
+
+def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tmp_path):
+    """Sharded weights, gradients and AdamW state: 3 steps, a gathered checkpoint, a resumed
+    3 more (the optimizer state goes through the file), with 2 micro-batches per step; the
+    losses and final weights equal one process with twice the batch."""
+    run_two_ranks(tmp_path / "fsdp", steps=3, fsdp=True, accumulation=2)
+    run_two_ranks(tmp_path / "fsdp", steps=STEPS, resume=True, fsdp=True, accumulation=2)
+    single = train(tmp_path / "single", world=1, accumulation=2)
+    for key in ("loss", "val_loss"):
+        a, b = records(tmp_path / "fsdp", key), records(tmp_path / "single", key)
+        assert [i for i, _ in a] == [i for i, _ in b] and len(a) > 1
+        for (_, la), (_, lb) in zip(a, b):
+            assert la == pytest.approx(lb, abs=1e-5)
+
+    # the gathered checkpoint is an ordinary run: one file per weight, the tied head not repeated
+    model, _ = load_run(tmp_path / "fsdp")
+    for (name, p), q in zip(model.state_dict().items(), single.model.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "fsdp" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "tok_emb.weight" in f.keys()
+
+    # a sharded run resumes sharded only
+    with pytest.raises(Exception, match="resume with --set fsdp=true"):
+        run_two_ranks(tmp_path / "fsdp", steps=STEPS + 1, resume=True, fsdp=False, accumulation=2)

@@ -102,3 +102,22 @@ def test_bleu_perfect_and_signature():
     score, sig = tokenized_bleu(refs, [moses_tokenize(r) for r in refs])
     assert score == pytest.approx(100.0) and "tok:none" in sig and "case:lc" in sig
     assert sacre_bleu(["a cat sleeps ."], ["A dog runs in the park."])[0] < 10
+
+
+def test_training_starts_from_the_same_weights_every_time(tmp_path):
+    """The seed fixes the initial weights: reruns reproduce, and every torchrun rank starts
+    equal (FSDP does not broadcast weights, so unequal starts would silently diverge)."""
+    from pathlib import Path
+
+    from lmforge.translate.train import build_translation_trainer
+
+    assets = Path(__file__).resolve().parents[1] / "src" / "lmforge" / "assets"
+    de, en = str(assets / "tatoeba.deu-eng.de"), str(assets / "tatoeba.deu-eng.en")
+    models = []
+    for i in range(2):
+        torch.rand(i + 1)  # the global random state differs between the two builds
+        trainer = build_translation_trainer(de, en, de, en, tmp_path / f"run{i}", "transformer-tiny",
+                                            ["vocab_size=300"], progress=False, verbose=False)
+        models.append(trainer.model.state_dict())
+    for name, w in models[0].items():
+        assert torch.equal(w, models[1][name]), name

@@ -21,8 +21,13 @@ from .tokenizers import load_tokenizer
 RUN_FORMAT = "lmforge-run"
 
 
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights to save: tied tensors once (under their first name), contiguous."""
+def model_state(model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The weights to save: tied tensors once (under their first name), contiguous.
+    `state`: the model's full state dict gathered elsewhere (a sharded model's), which holds
+    tied tensors under every name as separate copies."""
+    if state is not None:
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+        return {name: t.detach().contiguous() for name, t in state.items() if name not in tied}
     seen: set[int] = set()
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
@@ -33,19 +38,23 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_weights(path: str | Path, model: torch.nn.Module) -> None:
+def save_weights(path: str | Path, model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
     with atomic_path(path) as tmp:
-        save_file(model_state(model), str(tmp), metadata={"format": "pt"})
+        save_file(model_state(model, state), str(tmp), metadata={"format": "pt"})
 
 
-def load_weights(path: str | Path, model: torch.nn.Module) -> None:
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise LMForgeError(f"weights not found: {path}")
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except Exception as e:  # safetensors raises its own error type for a bad header
         raise LMForgeError(f"{path} is not a readable safetensors file ({e}); the checkpoint is corrupt")
+
+
+def load_weights(path: str | Path, model: torch.nn.Module) -> None:
+    state = read_weights(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {n for n in missing if _is_tied(model, n)}
     missing = [n for n in missing if n not in tied]
@@ -60,11 +69,13 @@ def _is_tied(model: torch.nn.Module, name: str) -> bool:
                for other, t in model.state_dict().items() if other != name)
 
 
-def save_run(run_dir: str | Path, model: torch.nn.Module, tokenizer, extra: dict[str, Any] | None = None) -> None:
-    """Write config.json, model.safetensors and tokenizer.json (each atomically)."""
+def save_run(run_dir: str | Path, model: torch.nn.Module, tokenizer, extra: dict[str, Any] | None = None,
+             state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write config.json, model.safetensors and tokenizer.json (each atomically).
+    `state`: see `model_state`."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(run_dir / "model.safetensors", model)
+    save_weights(run_dir / "model.safetensors", model, state)
     tokenizer.save(run_dir / "tokenizer.json")
     config = {"format": RUN_FORMAT, "version": 1, "model": model.kind,
               "model_config": model.config.to_dict(), **(extra or {})}

@@ -120,13 +120,19 @@ def run_sentences(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from ..train import distributed
     from ..translate.train import build_translation_trainer
 
+    main_rank = distributed.env_rank() == 0  # under torchrun, only rank 0 prints
     trainer = build_translation_trainer(args.train_src, args.train_tgt, args.val_src, args.val_tgt, args.out,
                                         args.preset, args.overrides, resume=args.resume,
-                                        tokenizer_path=args.tokenizer, progress=not args.no_progress)
-    res = trainer.fit()
-    if "val_loss" in res:
+                                        tokenizer_path=args.tokenizer, progress=not args.no_progress,
+                                        verbose=main_rank)
+    try:
+        res = trainer.fit()
+    finally:
+        distributed.cleanup()
+    if "val_loss" in res and main_rank:
         bleu = f", val BLEU {res['val_bleu']:.2f}" if "val_bleu" in res else ""
         print(f"done: iter {trainer.iter}, train loss {res['train_loss']:.4f}, val loss {res['val_loss']:.4f}"
               f"{bleu}; run saved in {args.out}")

@@ -29,6 +29,7 @@ class TrainConfig(ConfigBase):
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast for the forward pass)
     compile: bool = False
+    fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state (FSDP2) instead of DDP
 
     def validate(self) -> None:
         self.check_positive("max_iters", "batch_size", "gradient_accumulation_steps",

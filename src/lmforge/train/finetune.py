@@ -59,9 +59,9 @@ class FinetuneTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.method, self.base_config, self.record = method, base_config, record
 
-    def save_model(self) -> None:
+    def save_model(self, weights: dict[str, torch.Tensor] | None = None) -> None:
         if self.method == "full":
-            super().save_model()
+            super().save_model(weights)
         else:
             save_adapter(self.model, self.out_dir, self.base_config,
                          extra={"base_run": self.record["base_run"]})
@@ -148,6 +148,9 @@ def build_finetune_trainer(base_run: str | Path | None, data_dir: str | Path, ou
     else:
         train_cfg = TrainConfig.from_dict({**base_cfg.get("train_config", {}), **train_part})
     train_cfg.validate()
+    if train_cfg.fsdp and method == "lora":
+        raise LMForgeError("fsdp=true works with --method full only; LoRA's trainable state is already "
+                           "tiny, so run LoRA data-parallel (drop --set fsdp=true)")
 
     tokenizer = load_tokenizer(base_run / "tokenizer.json")
     data = TokenData(data_dir)

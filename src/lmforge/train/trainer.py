@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import load_weights, save_run
+from ..checkpoint import load_weights, read_weights, save_run
 from ..errors import LMForgeError
 from ..fileio import atomic_path
 from . import distributed
@@ -66,9 +66,12 @@ class Trainer:
         self.model = model.to(self.device)
         if self.world_size > 1 and hasattr(data, "for_rank"):
             data.for_rank(self.rank)  # each process draws its own batches
-        train_module = distributed.wrap(model, self.device)  # DDP when distributed
+        train_module = distributed.wrap(model, self.device, cfg.fsdp)  # DDP (or FSDP) when distributed
+        self.sharded = distributed.is_sharded(model)  # FSDP shards `model` in place
         self.forward = torch.compile(train_module) if cfg.compile else train_module
-        self.eval_forward = self.forward if self.world_size == 1 else self.model  # no collectives
+        # DDP's wrapper syncs on every call, so evaluation uses the bare model; a sharded model
+        # gathers its weights in every call, which is why every rank evaluates, in step.
+        self.eval_forward = self.forward if self.world_size == 1 else self.model
         self.optimizer = make_optimizer(model, cfg, self.device)
         self.iter = 0  # optimizer steps completed
         self.tokens = 0  # training tokens seen
@@ -85,10 +88,13 @@ class Trainer:
         """Every process calls this; rank 0 writes, with each rank's data position and random
         state (the model and optimizer are the same on every rank)."""
         ranks = distributed.gather({"data": self.data.state_dict(), "rng": torch.get_rng_state()})
+        weights = distributed.full_model_state(self.model)  # None unless sharded (then every rank helps)
+        optimizer = distributed.full_optimizer_state(self.model, self.optimizer)
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.save_model()
-            state = {"iter": self.iter, "tokens": self.tokens, "optimizer": self.optimizer.state_dict(),
+            self.save_model(weights)
+            state = {"iter": self.iter, "tokens": self.tokens, "fsdp": self.sharded,
+                     "optimizer": self.optimizer.state_dict() if optimizer is None else optimizer,
                      "scaler": self.scaler.state_dict(), "data": ranks[0]["data"],
                      "rng": ranks[0]["rng"], "train_config": self.cfg.to_dict(),
                      "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -97,14 +103,19 @@ class Trainer:
                 torch.save(state, tmp)
         distributed.barrier()
 
-    def save_model(self) -> None:
+    def save_model(self, weights: dict[str, torch.Tensor] | None = None) -> None:
         """The model part of a checkpoint: a run directory. Subclasses change what it holds
-        (the LoRA fine-tuner writes only the adapter); `load_model` must read it back."""
+        (the LoRA fine-tuner writes only the adapter); `load_model` must read it back.
+        `weights`: the full weights of a sharded model, gathered by `save`."""
         save_run(self.out_dir, self.model, self.tokenizer,
-                 {**self.run_extra, "train_config": self.cfg.to_dict()})
+                 {**self.run_extra, "train_config": self.cfg.to_dict()}, state=weights)
 
     def load_model(self) -> None:
-        load_weights(self.out_dir / "model.safetensors", self.model)
+        path = self.out_dir / "model.safetensors"
+        if self.sharded:
+            distributed.load_full_model_state(self.model, read_weights(path))
+        else:
+            load_weights(path, self.model)
 
     def resume(self) -> None:
         path = self.out_dir / TRAINER_FILE
@@ -118,8 +129,14 @@ class Trainer:
         if len(ranks) != self.world_size:
             raise LMForgeError(f"cannot resume: {self.out_dir} was trained by {len(ranks)} processes and "
                                f"this is {self.world_size}; resume with torchrun --nproc-per-node {len(ranks)}")
+        if bool(state.get("fsdp")) != self.sharded:
+            raise LMForgeError(f"cannot resume: {self.out_dir} was trained with fsdp={str(bool(state.get('fsdp'))).lower()}; "
+                               f"resume with --set fsdp={str(bool(state.get('fsdp'))).lower()}")
         self.load_model()
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            distributed.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.data.load_state_dict(ranks[self.rank]["data"])
         torch.set_rng_state(ranks[self.rank]["rng"])
@@ -239,7 +256,8 @@ class Trainer:
     def _eval_and_save(self, bar: tqdm) -> None:
         res = self.evaluate()
         if self.eval_hook is not None:
-            res.update(self.eval_hook(self))
+            with distributed.gathered(self.model):  # hooks may call submodules directly
+                res.update(self.eval_hook(self))
         self.last_eval = res
         self.log({"iter": self.iter, "tokens": self.tokens, **res})
         msg = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items())

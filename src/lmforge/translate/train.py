@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..checkpoint import read_run_config
 from ..config import ConfigBase, parse_overrides
 from ..errors import LMForgeError
@@ -123,6 +125,7 @@ def build_translation_trainer(train_src: str | None, train_tgt: str | None, val_
             tokenizer = train_tokenizer([train_src, train_tgt], int(model_cfg.get("vocab_size", 8000)))
         pad, bos, eos = special_ids(tokenizer)
         model_cfg.update(vocab_size=tokenizer.vocab_size, pad_id=pad, bos_id=bos, eos_id=eos)
+    torch.manual_seed(train_cfg.seed)  # the same seed gives the same initial weights (on every rank)
     model = build_model("seq2seq", model_cfg)
     max_len = model.config.max_len
     splits = {"train": Split(encode_sentences(tokenizer, tr_src, max_len), encode_sentences(tokenizer, tr_tgt, max_len - 1)),
