@@ -24,8 +24,9 @@ def register(sub) -> None:
                                    "go to RUN at every eval, at the end and on Ctrl-C; --resume continues exactly.",
                        epilog="settings: max_iters batch_size block_size learning_rate min_lr warmup_iters "
                               "lr_decay_iters weight_decay beta1 beta2 grad_clip gradient_accumulation_steps "
-                              "dropout eval_interval eval_iters log_interval seed device dtype compile, and the "
-                              "model's shape (n_layer n_head n_embd ...)")
+                              "dropout eval_interval eval_iters log_interval seed device dtype compile fsdp, and the "
+                              "model's shape (n_layer n_head n_embd ...). Several processes: torchrun "
+                              "--nproc-per-node N -m lmforge train ... (DDP; with --set fsdp=true, sharded)")
     p.add_argument("--data", required=True, metavar="DIR", help="prepared data directory")
     p.add_argument("--out", required=True, metavar="RUN", help="run directory to write")
     add_training_args(p)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -66,6 +67,9 @@ class Trainer:
         self.model = model.to(self.device)
         if self.world_size > 1 and hasattr(data, "for_rank"):
             data.for_rank(self.rank)  # each process draws its own batches
+        if cfg.fsdp and self.world_size == 1:
+            print("note: fsdp=true shards over torchrun's processes; in one process it changes nothing",
+                  file=sys.stderr)
         train_module = distributed.wrap(model, self.device, cfg.fsdp)  # DDP (or FSDP) when distributed
         self.sharded = distributed.is_sharded(model)  # FSDP shards `model` in place
         self.forward = torch.compile(train_module) if cfg.compile else train_module
