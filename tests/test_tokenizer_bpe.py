@@ -156,6 +156,44 @@ def test_encode_batch_with_and_without_specials(tok4, allowed):
     assert tok4.encode_batch(batch, allowed_special=allowed) == [tok4.encode(s, allowed_special=allowed) for s in batch]
 
 
+def test_encode_batch_leaves_the_garbage_collector_as_it_found_it(tok4):
+    import gc
+
+    assert gc.isenabled()
+    tok4.encode_batch(["a b", "c"])
+    assert gc.isenabled()
+    with pytest.raises(TypeError):
+        tok4.encode_batch(["a", 3])  # an error inside the paused section
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        tok4.encode_batch(["a"])
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("allowed", ["all", "none"])
+def test_encode_batch_in_two_processes_equals_one(tok4, allowed):
+    batch = [f"{i} {MULTILINGUAL[i % 50:(i % 50) + i % 17]}{EOT if i % 7 == 0 else ''}\n" for i in range(3000)]
+    one = tok4.encode_batch(batch, allowed_special=allowed)
+    assert tok4.encode_batch(batch, allowed_special=allowed, num_workers=2) == one
+    assert tok4.encode_batch(batch, allowed_special=allowed, num_workers=3) == one
+
+
+@given(st.lists(st.text(max_size=30), max_size=60), st.integers(1, 5))
+def test_balanced_slices_cover_the_batch_in_order(texts, parts):
+    from lmforge.tokenizers.batching import balanced_slices
+
+    bounds = balanced_slices(texts, parts)
+    assert len(bounds) == parts and bounds[0][0] == 0 and bounds[-1][1] == len(texts)
+    assert all(a <= b for a, b in bounds) and all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))
+    total = sum(map(len, texts))
+    longest = max(map(len, texts), default=0)
+    for a, b in bounds[:-1]:  # each share but the last overshoots its quota by one text at most
+        assert sum(map(len, texts[a:b])) <= total / parts + longest
+
+
 # --- special tokens --------------------------------------------------------------------------
 def test_special_tokens_are_never_split(tok4):
     ids = tok4.encode(f"x{EOT}{EOT}<|pad|>y{EOT}")

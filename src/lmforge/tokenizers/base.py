@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal, TypeVar, Union
 
 from ..errors import LMForgeError
 from ..fileio import atomic_open, read_json
+from .batching import encode_in_processes
 
 FORMAT = "lmforge-tokenizer"
 VERSION = 1
@@ -68,9 +69,11 @@ class Tokenizer:
 
     # --- shared -----------------------------------------------------------------------------
     def encode_batch(
-        self, texts: Sequence[str], allowed_special: AllowedSpecial = "all"
+        self, texts: Sequence[str], allowed_special: AllowedSpecial = "all", num_workers: int = 1
     ) -> list[list[int]]:
-        return [self.encode(text, allowed_special) for text in texts]
+        """Each text's ids; `num_workers` > 1 spreads a large batch over forked processes."""
+        return encode_in_processes(lambda part: [self.encode(text, allowed_special) for text in part],
+                                   texts, num_workers)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "kind": self.kind, **self._fields()}
