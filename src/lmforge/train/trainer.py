@@ -134,8 +134,9 @@ class Trainer:
             raise LMForgeError(f"cannot resume: {self.out_dir} was trained by {len(ranks)} processes and "
                                f"this is {self.world_size}; resume with torchrun --nproc-per-node {len(ranks)}")
         if bool(state.get("fsdp")) != self.sharded:
-            raise LMForgeError(f"cannot resume: {self.out_dir} was trained with fsdp={str(bool(state.get('fsdp'))).lower()}; "
-                               f"resume with --set fsdp={str(bool(state.get('fsdp'))).lower()}")
+            was = "true" if state.get("fsdp") else "false"
+            raise LMForgeError(f"cannot resume: {self.out_dir} was trained with fsdp={was}; "
+                               f"resume with --set fsdp={was}")
         self.load_model()
         if self.sharded:
             distributed.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
