@@ -34,6 +34,26 @@ def test_prepare_streams_in_chunks(tmp_path, small_corpus, monkeypatch):
     assert tok.decode(ids.tolist()) == small_corpus.read_text() * 2
 
 
+@pytest.mark.parametrize("tokenizer", ["char", "bpe:300"])
+def test_prepare_in_worker_processes_writes_the_same_files(tmp_path, small_corpus, monkeypatch, tokenizer):
+    import sys
+
+    monkeypatch.setattr(sys.modules["lmforge.data.prepare"], "CHUNK_BYTES", 2000)  # many chunks, in order
+    one = prepare([small_corpus], tokenizer, tmp_path / "one", progress=False)
+    tok = str(tmp_path / "one" / "tokenizer.json")  # the same BPE for both
+    two = prepare([small_corpus], tok, tmp_path / "two", progress=False, workers=2)
+    assert one["train_tokens"] == two["train_tokens"] and one["val_tokens"] == two["val_tokens"]
+    for split in ("train", "val"):
+        assert (tmp_path / "one" / f"{split}.bin").read_bytes() == (tmp_path / "two" / f"{split}.bin").read_bytes()
+
+
+def test_prepare_worker_errors_reach_the_caller_and_leave_no_file(tmp_path, small_corpus):
+    tok = CharTokenizer.from_text("abc")  # the corpus has other characters
+    with pytest.raises(LMForgeError, match="not in the"):
+        prepare([small_corpus], tok, tmp_path / "d", progress=False, workers=2)
+    assert not (tmp_path / "d" / "train.bin").exists()
+
+
 def test_prepare_bpe_spec(tmp_path, small_corpus):
     meta = prepare([small_corpus], "bpe:300", tmp_path / "d", progress=False)
     assert meta["vocab_size"] == 300

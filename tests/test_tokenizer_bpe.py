@@ -181,6 +181,13 @@ def test_encode_batch_in_two_processes_equals_one(tok4, allowed):
     assert tok4.encode_batch(batch, allowed_special=allowed, num_workers=3) == one
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=200), allowed=st.sampled_from(["all", "none"]))
+def test_encode_to_array_equals_encode(tok4, text, allowed):
+    arr = tok4.encode_to_array(text + EOT, allowed_special=allowed)
+    assert arr.dtype.name == "uint32" and arr.tolist() == tok4.encode(text + EOT, allowed_special=allowed)
+
+
 @given(st.lists(st.text(max_size=30), max_size=60), st.integers(1, 5))
 def test_balanced_slices_cover_the_batch_in_order(texts, parts):
     from lmforge.tokenizers.batching import balanced_slices

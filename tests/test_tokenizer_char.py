@@ -29,6 +29,7 @@ def test_roundtrip(shakespeare_text):
     sample = shakespeare_text[:5000]
     assert tok.decode(tok.encode(sample)) == sample
     assert tok.encode_batch(["ab", ""]) == [tok.encode("ab"), []]
+    assert tok.encode_to_array("ab").tolist() == tok.encode("ab")
     batch = ["ab" * (i % 5) for i in range(2500)]
     assert tok.encode_batch(batch, num_workers=2) == tok.encode_batch(batch)
 

@@ -16,6 +16,8 @@ def register(sub) -> None:
                         "or a tokenizer JSON file (default: char)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out for validation (default 0.1)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="encode in N processes (default 1; worth it for corpora of many MB)")
     from .common import add_progress_flag
     add_progress_flag(p)
     p.set_defaults(func=run)
@@ -25,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from ..data import prepare
     from .common import show_progress
 
-    meta = prepare(args.input, args.tokenizer, args.out, args.val_fraction, progress=show_progress(args))
+    meta = prepare(args.input, args.tokenizer, args.out, args.val_fraction, progress=show_progress(args),
+                   workers=args.workers)
     print(f"wrote {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
           f"vocabulary {meta['vocab_size']:,} ({meta['dtype']})")
     return 0

@@ -5,6 +5,7 @@ held-out text the model never trains on, for an honest estimate of how well it g
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from pathlib import Path
 from typing import Iterator
@@ -103,23 +104,45 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
-def _encode_range(tok, paths: list[Path], start: int, stop: int, out: Path, dtype, bar) -> int:
+_worker_tokenizer = None  # what forked encoding workers inherit
+
+
+def _encode_chunk(text: str) -> tuple[np.ndarray, int]:
+    return _worker_tokenizer.encode_to_array(text), len(text.encode("utf-8", errors="replace"))
+
+
+def _encode_range(tok, paths: list[Path], start: int, stop: int, out: Path, dtype, bar, workers: int) -> int:
+    """Encode bytes start..stop of the inputs into `out`, chunk by chunk, in order. With
+    workers > 1, forked processes encode the chunks (each ~1 MB) and this one writes them."""
+    global _worker_tokenizer
     n = 0
-    with atomic_path(out) as tmp, open(tmp, "wb") as f:
-        for text in iter_text(paths, start, stop):
-            ids = np.asarray(tok.encode(text), dtype=dtype)
-            ids.tofile(f)
-            n += len(ids)
-            bar.update(len(text.encode("utf-8", errors="replace")))
+    _worker_tokenizer = tok
+    pool = (multiprocessing.get_context("fork").Pool(workers)
+            if workers > 1 and "fork" in multiprocessing.get_all_start_methods() else None)
+    try:
+        chunks = iter_text(paths, start, stop)
+        encoded = pool.imap(_encode_chunk, chunks) if pool is not None else map(_encode_chunk, chunks)
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+            for ids, n_bytes in encoded:
+                ids.astype(dtype, copy=False).tofile(f)
+                n += len(ids)
+                bar.update(n_bytes)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        _worker_tokenizer = None
     return n
 
 
 def prepare(inputs: list[str | Path], tokenizer: str, out_dir: str | Path,
-            val_fraction: float = 0.1, progress: bool = True) -> dict:
-    """Tokenize `inputs` into out_dir/{train.bin, val.bin, meta.json, tokenizer.json}."""
+            val_fraction: float = 0.1, progress: bool = True, workers: int = 1) -> dict:
+    """Tokenize `inputs` into out_dir/{train.bin, val.bin, meta.json, tokenizer.json}.
+    `workers` > 1 encodes in that many forked processes (Linux, macOS)."""
     paths = check_inputs(list(inputs))
     if not 0.0 < val_fraction < 1.0:
         raise LMForgeError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    if workers < 1:
+        raise LMForgeError(f"--workers must be at least 1, got {workers}")
     tok = resolve_tokenizer(tokenizer, paths, progress) if isinstance(tokenizer, str) else tokenizer
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,8 +152,8 @@ def prepare(inputs: list[str | Path], tokenizer: str, out_dir: str | Path,
     if cut >= total:
         raise LMForgeError("the input is too small to hold out a validation split; add text or raise --val-fraction")
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
-        n_train = _encode_range(tok, paths, 0, cut, out_dir / "train.bin", dtype, bar)
-        n_val = _encode_range(tok, paths, cut, total, out_dir / "val.bin", dtype, bar)
+        n_train = _encode_range(tok, paths, 0, cut, out_dir / "train.bin", dtype, bar, workers)
+        n_val = _encode_range(tok, paths, cut, total, out_dir / "val.bin", dtype, bar, workers)
     tok.save(out_dir / "tokenizer.json")
     meta = {"format": DATA_FORMAT, "version": 1, "vocab_size": tok.vocab_size, "dtype": dtype.name,
             "train_tokens": n_train, "val_tokens": n_val, "tokenizer": "tokenizer.json",

@@ -15,6 +15,8 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Literal, TypeVar, Union
 
+import numpy as np
+
 from ..errors import LMForgeError
 from ..fileio import atomic_open, read_json
 from .batching import encode_in_processes
@@ -68,6 +70,11 @@ class Tokenizer:
         raise NotImplementedError
 
     # --- shared -----------------------------------------------------------------------------
+    def encode_to_array(self, text: str, allowed_special: AllowedSpecial = "all") -> np.ndarray:
+        """`encode` as a uint32 array: for long texts headed for a file, where a list of
+        Python ints would be built only to be thrown away."""
+        return np.asarray(self.encode(text, allowed_special), dtype=np.uint32)
+
     def encode_batch(
         self, texts: Sequence[str], allowed_special: AllowedSpecial = "all", num_workers: int = 1
     ) -> list[list[int]]:

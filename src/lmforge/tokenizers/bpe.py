@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import regex
 
 from ..errors import LMForgeError
@@ -226,6 +227,10 @@ class BPETokenizer(Tokenizer):
         """Text -> ids. "all": special-token text becomes its id; "none": it is ordinary text."""
         allowed = self._allowed(allowed_special)
         return self.encoding.encode(text, allowed_special=allowed, disallowed_special=())
+
+    def encode_to_array(self, text: str, allowed_special: AllowedSpecial = "all") -> np.ndarray:
+        allowed = self._allowed(allowed_special)
+        return self.encoding.encode_to_numpy(text, allowed_special=allowed, disallowed_special=())
 
     def encode_batch(
         self, texts: Sequence[str], allowed_special: AllowedSpecial = "all", num_workers: int = 1
