@@ -123,14 +123,16 @@ def gathered(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         return
     from torch.distributed.fsdp import FSDPModule
 
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    model.set_reshard_after_forward(False)  # recurses into every unit
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root first
+    for unit in units[1:]:  # the layers' own forward calls must not free them meanwhile
+        unit.set_reshard_after_forward(False, recurse=False)
     for unit in units:
         unit.unshard()
     try:
         yield model
     finally:
-        model.set_reshard_after_forward(True)
+        for unit in units[1:]:
+            unit.set_reshard_after_forward(True, recurse=False)  # as `shard` made them
         for unit in units:
             unit.reshard()
 
