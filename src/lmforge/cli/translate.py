@@ -76,7 +76,8 @@ def _action_parser(action: str) -> argparse.ArgumentParser:
                                     "German-English pairs (a few minutes on a CPU) and translate a few sentences.")
         p.add_argument("--out", default="lmforge-translate-demo", metavar="DIR")
         p.add_argument("--max-iters", type=int, default=None, help="training iterations (default: the preset's)")
-        p.add_argument("--seed", type=int, default=1337)
+        p.add_argument("--seed", type=int, default=1,
+                       help="seeds the initial weights, batches and dropout (default 1; see docs/translation.md)")
         add_progress_flag(p)
     return p
 
