@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..errors import LMForgeError
 from ..fileio import atomic_path, write_json
 from ..tokenizers import BPETokenizer, CharTokenizer, load_tokenizer
+from ..tokenizers.batching import can_fork
 
 CHUNK_BYTES = 1 << 20
 DATA_FORMAT = "lmforge-data"
@@ -117,8 +118,7 @@ def _encode_range(tok, paths: list[Path], start: int, stop: int, out: Path, dtyp
     global _worker_tokenizer
     n = 0
     _worker_tokenizer = tok
-    pool = (multiprocessing.get_context("fork").Pool(workers)
-            if workers > 1 and "fork" in multiprocessing.get_all_start_methods() else None)
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 and can_fork() else None
     try:
         chunks = iter_text(paths, start, stop)
         encoded = pool.imap(_encode_chunk, chunks) if pool is not None else map(_encode_chunk, chunks)

@@ -49,6 +49,12 @@ def balanced_slices(texts: Sequence[str], parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def can_fork() -> bool:
+    """Whether this process may fork workers: not on Windows, not from a daemonic worker."""
+    return ("fork" in multiprocessing.get_all_start_methods()
+            and not multiprocessing.current_process().daemon)
+
+
 def _encode_range(bounds: tuple[int, int]) -> bytes:
     assert _job is not None, "only called in a worker forked by encode_in_processes"
     encode_slice, texts = _job
@@ -60,10 +66,9 @@ def _encode_range(bounds: tuple[int, int]) -> bytes:
 def encode_in_processes(encode_slice: EncodeSlice, texts: Sequence[str], workers: int) -> list[list[int]]:
     """encode_slice(texts), computed in `workers` processes: this one takes the first share,
     forked children the others (they inherit the tokenizer; nothing but results is pickled).
-    Falls back to one process for small batches or where fork is unavailable (Windows)."""
+    Falls back to one process for small batches or where forking is not possible."""
     global _job
-    if (workers <= 1 or len(texts) < workers * MIN_TEXTS_PER_PROCESS
-            or "fork" not in multiprocessing.get_all_start_methods()):
+    if workers <= 1 or len(texts) < workers * MIN_TEXTS_PER_PROCESS or not can_fork():
         return encode_slice(texts)
     bounds = balanced_slices(texts, workers)
     _job = (encode_slice, texts)
