@@ -34,6 +34,12 @@ def test_end_to_end(tmp_path, small_corpus, capsys):
     assert run_cli("eval", "--run", run, "--data", data, "--no-progress") == 0
     out = capsys.readouterr().out
     assert "val loss" in out and "perplexity" in out
+    assert run_cli("eval", "--run", run, "--data", data, "--no-progress", "--int8") == 0  # int8 weights
+    loss = float(out.split("val loss ")[1].split(",")[0])
+    loss8 = float(capsys.readouterr().out.split("val loss ")[1].split(",")[0])
+    assert abs(loss8 - loss) < 0.02 * loss
+    assert run_cli("sample", "--run", run, "--prompt", "ROMEO:", "--max-new-tokens", "5", "--int8") == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
     assert run_cli("train", "--data", data, "--out", run, "--resume", "--set", "max_iters=60", "--no-progress") == 0
     iters = [json.loads(line)["iter"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(iters) == 60

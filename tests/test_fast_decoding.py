@@ -57,6 +57,20 @@ def test_bf16_and_int8_stay_close(model):
     assert (int8 - ref).abs().max().item() < 0.02 * scale
 
 
+def test_int8_linear_is_the_dequantised_product():
+    lin = torch.nn.Linear(64, 40)
+    q = Int8Linear(lin)
+    w = q.qweight.float() * q.scale[:, None]  # the dequantised weight
+    assert (w - lin.weight).abs().max() <= q.scale.max() / 2 + 1e-7  # rounding to the nearest step
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y = q(x)
+    assert y.dtype == torch.float32
+    ref = x @ w.t() + lin.bias
+    # activations go through the kernel in bf16: relative error of order 2^-8
+    torch.testing.assert_close(y, ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
+
+
 @pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="torch built without oneDNN")
 def test_packed_bf16_matches_plain_bf16(model):
     idx = torch.randint(0, 97, (2, 8))

@@ -25,13 +25,17 @@ def register(sub) -> None:
 def load_for_inference(args: argparse.Namespace):
     """Load a run (and adapter) in eval mode with its weights laid out for fast decoding."""
     from .. import load
+    from ..errors import LMForgeError
     from ..models.decoding import prepare_for_decoding
     from .common import device_and_dtype
 
     device, dtype = device_and_dtype(args)
+    int8 = getattr(args, "int8", False)
+    if int8 and device.type != "cpu":
+        raise LMForgeError("--int8 runs on the CPU only (its kernel is a CPU one); drop it or use --device cpu")
     adapter = getattr(args, "adapter", None)
     model, tok = load(args.run, adapter=adapter, device=device, dtype=dtype)
-    return prepare_for_decoding(model), tok
+    return prepare_for_decoding(model, int8=int8), tok
 
 
 def run(args: argparse.Namespace) -> int:

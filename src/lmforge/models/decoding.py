@@ -104,7 +104,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # (N, in)
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale.to(x.dtype))  # (N, out)
+        # The CPU kernel is vectorised for bf16 activations only: with fp32 ones it is ~10x
+        # slower (2304 x 768: 62 vs 766 us). Rounding the activations to bf16 costs less
+        # precision than the int8 weights already do.
+        kind = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
+        y = torch.ops.aten._weight_int8pack_mm(flat.to(kind), self.qweight, self.scale.to(kind)).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
