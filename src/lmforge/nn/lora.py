@@ -68,6 +68,18 @@ def plain_linear(layer: nn.Module) -> nn.Linear:
     return out
 
 
+def add_adapter(module: nn.Module, r: int, alpha: float, rslora: bool, n_in: int, n_out: int,
+                like: torch.Tensor) -> None:
+    """Give `module` the low-rank pair: A (r, n_in) initialised as nn.Linear initialises its
+    weight, B (n_out, r) zeros, so B A = 0 and the adapted layer starts equal to the base."""
+    module.r, module.alpha, module.rslora = r, alpha, rslora
+    module.scaling = alpha / (math.sqrt(r) if rslora else r)
+    kw = dict(device=like.device, dtype=like.dtype)
+    module.lora_A = nn.Parameter(torch.empty(r, n_in, **kw))
+    module.lora_B = nn.Parameter(torch.zeros(n_out, r, **kw))
+    nn.init.kaiming_uniform_(module.lora_A, a=math.sqrt(5))
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update."""
 
@@ -81,12 +93,7 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.r, self.alpha, self.rslora = r, alpha, rslora
-        self.scaling = alpha / (math.sqrt(r) if rslora else r)
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))  # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))  # (out, r)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear does to its weight
+        add_adapter(self, r, alpha, rslora, self.in_features, self.out_features, base.weight)  # A (r, in), B (out, r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
@@ -140,12 +147,7 @@ class LoRAEmbedding(nn.Module):
         self.padding_idx = base.padding_idx
         self.weight = base.weight
         self.weight.requires_grad_(False)
-        self.r, self.alpha, self.rslora = r, alpha, rslora
-        self.scaling = alpha / (math.sqrt(r) if rslora else r)
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(r, self.embedding_dim, **kw))  # (r, d)
-        self.lora_B = nn.Parameter(torch.zeros(self.num_embeddings, r, **kw))  # (vocab, r)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        add_adapter(self, r, alpha, rslora, self.embedding_dim, self.num_embeddings, base.weight)  # A (r, d), B (vocab, r)
         self.merged = False
 
     def delta_weight(self) -> torch.Tensor:
