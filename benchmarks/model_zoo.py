@@ -355,7 +355,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from lmforge.data import prepare
 
     hf_logging.set_verbosity_error()
-    parts = set(args.parts.split(","))
+    parts = {x.strip() for x in args.parts.split(",") if x.strip()}
+    if not parts or parts - set("abcd"):
+        ap.error(f"--parts takes letters from a,b,c,d separated by commas, got {args.parts!r}")
+    if args.corpus and not Path(args.corpus).is_file():
+        ap.error(f"--corpus: file not found: {args.corpus}")
     res: dict[str, Any] = {"command": " ".join(["python benchmarks/model_zoo.py", *(argv or sys.argv[1:])]),
                            "machine": machine()}
     with tempfile.TemporaryDirectory() as tmp:

@@ -57,6 +57,7 @@ def test_demo_short(tmp_path, capsys):
     (["train", "--data", "nodata", "--out", "r"], "data directory not found"),
     (["sample", "--run", "norun"], "run directory not found"),
     (["plot", "norun"], "not found"),
+    (["bench", "--parts", "z"], "--parts takes letters from a,b,c,d"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)

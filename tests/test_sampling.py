@@ -8,6 +8,14 @@ def test_temperature_zero_is_argmax():
     assert sample_next(logits, temperature=0.0).tolist() == [1, 0]
 
 
+def test_greedy_takes_the_first_of_tied_maxima():
+    # bf16 logits tie often; greedy must pick what argmax picks (the first maximum)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randint(-2, 3, (64, 5000), generator=torch.Generator().manual_seed(0)).to(dtype)
+        assert torch.equal(sample_next(logits, temperature=0.0), logits.argmax(dim=-1))
+        assert sample_next(torch.tensor([[1.0, 7.0, 7.0]], dtype=dtype), temperature=0.0).tolist() == [1]
+
+
 def test_top_k_keeps_k_best():
     logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
     out = filter_logits(logits, top_k=2)

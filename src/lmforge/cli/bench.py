@@ -32,6 +32,12 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    parts = {x.strip() for x in args.parts.split(",") if x.strip()}
+    if not parts or parts - set("abcd"):
+        raise LMForgeError(f"--parts takes letters from a,b,c,d separated by commas (e.g. --parts a,b), "
+                           f"got {args.parts!r}")
+    if args.corpus is not None and not Path(args.corpus).is_file():
+        raise LMForgeError(f"corpus file not found: {args.corpus}")
     if not SUITE.is_file():
         raise LMForgeError(f"the benchmark suite {SUITE} is not here; run lmforge bench from a source "
                            f"checkout (git clone ... && pip install -e .[bench])")

@@ -25,14 +25,17 @@ def decode_steps(model, idx: torch.Tensor, max_new_tokens: int, temperature: flo
     try:
         block = model.config.block_size
         context = idx[:, -block:]
-        cache = model.make_cache(idx.shape[0], block) if use_cache else None
+        # room for the prompt and the new tokens only: a full block_size cache (GPT-2: 1,024
+        # slots, 75 MB in fp32) would mostly be zero-filled and never read
+        need = min(block, context.shape[1] + max_new_tokens)
+        cache = model.make_cache(idx.shape[0], need) if use_cache else None
         logits = model(context, cache=cache)[:, -1]  # prefill: (B, V)
         for step in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             yield nxt
             if step == max_new_tokens - 1:
                 break
-            if cache is not None and cache.pos < block:
+            if cache is not None and cache.pos < cache.max_len:
                 logits = model(nxt[:, None], cache=cache)[:, -1]
             else:  # window full: slide it
                 cache = None
@@ -82,10 +85,10 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # an opaque oneDNN tensor: not a buffer (it cannot be saved, copied or moved)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self._bias = None if linear.bias is None else linear.bias.detach()  # same storage, no autograd
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.detach()
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, bias, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self._bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
 
