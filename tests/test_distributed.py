@@ -163,3 +163,30 @@ def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tmp_path):
     # a sharded run resumes sharded only
     with pytest.raises(Exception, match="resume with --set fsdp=true"):
         run_two_ranks(tmp_path / "fsdp", steps=STEPS + 1, resume=True, fsdp=False, accumulation=2)
+
+
+def _from_main_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    from lmforge.train import distributed
+
+    def make():  # leaves a trace of every process that ran it
+        open(os.path.join(out_dir, f"ran-{rank}"), "w").close()
+        return {"made_by": rank, "merges": [[1, 2], [3, 4]]}
+
+    try:
+        distributed.setup(torch.device("cpu"))
+        got = distributed.from_main(make)
+        with open(os.path.join(out_dir, f"got-{rank}.json"), "w") as f:
+            json.dump(got, f)
+    finally:
+        distributed.cleanup()
+
+
+def test_from_main_runs_once_and_every_rank_gets_rank_0s_result(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_from_main_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    assert sorted(p.name for p in tmp_path.glob("ran-*")) == ["ran-0"]
+    for r in (0, 1):
+        assert json.loads((tmp_path / f"got-{r}.json").read_text()) == {"made_by": 0, "merges": [[1, 2], [3, 4]]}

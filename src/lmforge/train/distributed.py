@@ -19,7 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -221,6 +221,16 @@ def gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def from_main(make: Callable[[], Any]) -> Any:
+    """`make()` run on rank 0 only, its (picklable) result handed to every rank: for work that
+    must agree across processes and need not be repeated, such as training a tokenizer."""
+    if not is_distributed():
+        return make()
+    box = [make() if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

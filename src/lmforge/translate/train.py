@@ -16,10 +16,10 @@ from ..config import ConfigBase, parse_overrides
 from ..errors import LMForgeError
 from ..models import build_model
 from ..models.presets import PRESETS, get_preset
-from ..tokenizers import BPETokenizer, load_tokenizer
-from ..train import TrainConfig, Trainer
+from ..tokenizers import BPETokenizer, load_tokenizer, tokenizer_from_dict
+from ..train import TrainConfig, Trainer, distributed
 from ..train.setup import split_settings
-from ..train.trainer import TRAINER_FILE
+from ..train.trainer import TRAINER_FILE, resolve_device
 from .data import SPECIAL_TOKENS, Split, TranslationBatches, encode_sentences, read_parallel, special_ids
 
 DEFAULT_PRESET = "transformer-multi30k"
@@ -122,7 +122,11 @@ def build_translation_trainer(train_src: str | None, train_tgt: str | None, val_
         else:
             say(f"training a shared BPE tokenizer ({model_cfg.get('vocab_size', 8000)} tokens) "
                 f"on {train_src} and {train_tgt}")
-            tokenizer = train_tokenizer([train_src, train_tgt], int(model_cfg.get("vocab_size", 8000)))
+            # under torchrun rank 0 trains it and every rank gets the same one
+            distributed.setup(resolve_device(train_cfg.device))
+            vocab = int(model_cfg.get("vocab_size", 8000))
+            tokenizer = tokenizer_from_dict(distributed.from_main(
+                lambda: train_tokenizer([train_src, train_tgt], vocab).to_dict()))
         pad, bos, eos = special_ids(tokenizer)
         model_cfg.update(vocab_size=tokenizer.vocab_size, pad_id=pad, bos_id=bos, eos_id=eos)
     torch.manual_seed(train_cfg.seed)  # the same seed gives the same initial weights (on every rank)
