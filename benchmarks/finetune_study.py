@@ -107,7 +107,8 @@ def worker(args: argparse.Namespace) -> None:
     shutil.rmtree(out, ignore_errors=True)  # a fresh run each time
     sets = [f"max_iters={args.ft_iters}", f"batch_size={args.batch_size}", f"learning_rate={lr}",
             f"min_lr={lr / 10}", "warmup_iters=5", f"eval_interval={args.ft_iters}", "eval_iters=5",
-            "log_interval=1", "dropout=0.0", "weight_decay=0.0", "device=cpu"]
+            "log_interval=1", "dropout=0.0", "weight_decay=0.0", "device=cpu",
+            "dtype=float32"]  # pinned: fine-tuning otherwise inherits the base run's dtype
     trainer = build_finetune_trainer(Path(args.work) / "base", Path(args.work) / "captions", out, method,
                                      lora, overrides=sets, progress=False)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
