@@ -3,8 +3,8 @@
 1. Pretrain the shakespeare-small shape (6 layers, 6 heads, 384 wide) with a BPE tokenizer
    on tinyshakespeare, with `lmforge train`.
 2. Adapt it to English image captions with `lmforge.train.finetune` (the code behind
-   `lmforge finetune`): LoRA r=8 on the attention projections, and full fine-tuning, with the
-   same steps, batches and tokens. Training text: Multi30k train.en without its last
+   `lmforge finetune`): LoRA r=8 on the targets each variant names (LORA_TARGETS below), and
+   full fine-tuning, with the same steps, batches and tokens. Training text: Multi30k train.en without its last
    --dev-lines lines, which are the dev set that picks each method's learning rate; the
    reported val loss is over all of val.en, which plays no part in any choice.
 3. Each method runs in its own subprocess, so its peak RSS (VmHWM) is its own.
@@ -32,7 +32,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # LoRA variants: the modules each adapts (tok_emb: the token embedding and the LM head tied to it)
 LORA_TARGETS = {"lora": ["attn.qkv", "attn.proj"], "lora-all": ["all-linear"],
-                "lora-emb": ["attn.qkv", "attn.proj", "tok_emb"], "lora-qkv-emb": ["attn.qkv", "tok_emb"]}
+                "lora-emb": ["attn.qkv", "attn.proj", "tok_emb"], "lora-qkv-emb": ["attn.qkv", "tok_emb"],
+                # the MLP's output projection in blocks 1-5 (all six would be 1.04% with the embedding)
+                "lora-mlp-emb": ["blocks.[1-5].mlp.proj", "tok_emb"]}
 SHAKESPEARE = REPO / "src" / "lmforge" / "assets" / "tinyshakespeare.txt"
 
 
@@ -192,7 +194,7 @@ def main() -> None:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--methods", default="lora@3e-3,lora@1e-2,full@3e-4,full@1e-3",
                    help="comma list of METHOD@LR; METHOD is full or a LoRA variant: lora (attention "
-                        "projections), lora-all, lora-emb (attention + token embedding), lora-qkv-emb")
+                        "projections), lora-all, lora-emb (attention + token embedding), lora-qkv-emb, lora-mlp-emb")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (use 1 on a busy shared machine: 2 threads then mostly wait on each other)")
     p.add_argument("--mmap-threshold", type=int, default=0,

@@ -141,6 +141,15 @@ def test_gradients_reach_only_lora_parameters():
     assert report.modules == ["blocks.0.attn.qkv", "blocks.0.mlp.proj", "blocks.1.attn.qkv", "blocks.1.mlp.proj"]
 
 
+def test_glob_targets_pick_single_layers():
+    """A character class picks layers by index (the study's `blocks.[1-5].mlp.proj`)."""
+    model = tiny_gpt(n_layer=3)
+    report = apply_lora(model, targets=["blocks.[1-2].mlp.proj", "tok_emb"], r=8)
+    assert report.modules == ["tok_emb", "blocks.1.mlp.proj", "blocks.2.mlp.proj"]
+    assert report.trainable == 2 * 8 * (128 + 32) + 8 * (50 + 32)
+    assert type(model.blocks[0].mlp.proj) is torch.nn.Linear
+
+
 def test_unknown_target_lists_the_linear_modules():
     with pytest.raises(LMForgeError) as e:
         apply_lora(tiny_gpt(), targets=["attn.c_attn"])

@@ -26,8 +26,10 @@ def register(sub) -> None:
     p.add_argument("--lora-alpha", type=float, default=16.0, help="the update is scaled by alpha/r (default 16)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input (default 0.05)")
     p.add_argument("--lora-targets", nargs="+", default=["attn.qkv", "attn.proj"], metavar="PATTERN",
-                   help="modules to adapt: attn.qkv attn.proj mlp.fc mlp.proj, all-linear, a glob, or the "
-                        "token embedding tok_emb (its tied LM head follows) (default: attn.qkv attn.proj)")
+                   help="modules to adapt: attn.qkv attn.proj mlp.fc mlp.proj, all-linear, a glob (quoted, e.g. "
+                        "'blocks.[1-5].mlp.proj'), or the token embedding tok_emb (its tied LM head follows); "
+                        "for text unlike the base's, 'blocks.[1-5].mlp.proj' tok_emb did best in "
+                        "docs/finetuning.md (default: attn.qkv attn.proj)")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML file of training settings")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
