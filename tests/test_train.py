@@ -44,6 +44,20 @@ def test_training_lowers_the_loss(tmp_path, data_dir):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), t.model.state_dict().values()))
 
 
+def test_logits_are_freed_before_backward(tmp_path, data_dir):
+    """A training step keeps only the loss: the (B, T, vocab) logits must not stay alive
+    through backward (for a 50k vocabulary that is the largest tensor of the step)."""
+    import weakref
+
+    t = build_trainer(data_dir, tmp_path / "run", overrides=FAST + ["max_iters=2"], progress=False, verbose=False)
+    seen, alive_in_backward = [], []
+    t.model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(weakref.ref(out)))
+    t.model.tok_emb.weight.register_hook(lambda g: alive_in_backward.append(seen[-1]() is not None))
+    t.model.train()
+    t.step()
+    assert alive_in_backward == [False]
+
+
 def test_resume_is_exact(tmp_path, data_dir):
     common = FAST + ["eval_interval=10", "lr_decay_iters=40", "dropout=0.1"]
     straight = tmp_path / "straight"

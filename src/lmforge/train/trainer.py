@@ -200,8 +200,9 @@ class Trainer:
             # DDP averages gradients over processes only on the last micro-batch's backward
             with distributed.no_sync(self.forward, micro < cfg.gradient_accumulation_steps - 1):
                 with self.autocast:
-                    _, loss = self.forward(*batch)
-                    loss = loss / cfg.gradient_accumulation_steps
+                    # keep only the loss: holding the (B, T, vocab) logits through backward
+                    # would keep a second logits-sized tensor alive for no use
+                    loss = self.forward(*batch)[1] / cfg.gradient_accumulation_steps
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         if cfg.grad_clip > 0:
