@@ -106,7 +106,9 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
-        return y + F.linear(h, self.lora_B) * self.scaling  # (..., out)
+        # scale the small B, not the (..., out) product, and add in place (F.linear does not
+        # keep y for backward): one output-sized tensor instead of three
+        return y.add_(F.linear(h, self.lora_B * self.scaling))  # (..., out)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -196,7 +198,7 @@ class LoRATiedLinear(nn.Module):
         src = self.source
         if src.merged:
             return y
-        return y + F.linear(F.linear(x, src.lora_A), src.lora_B) * src.scaling
+        return y.add_(F.linear(F.linear(x, src.lora_A), src.lora_B * src.scaling))  # as LoRALinear
 
     def to_linear(self) -> nn.Linear:
         return plain_linear(self)
