@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from lmforge.checkpoint import load_run
 from lmforge.errors import LMForgeError
+import lmforge.models.gpt as gpt_module
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizers import CharTokenizer
 from lmforge.train import TrainConfig, Trainer
@@ -53,8 +54,11 @@ class SlicedBatches:
 
 
 def train(out_dir, world: int, steps: int = STEPS, resume: bool = False, fsdp: bool = False,
-          accumulation: int = 1) -> Trainer:
+          accumulation: int = 1, chunk: int | None = None) -> Trainer:
+    """chunk: compute the loss through chunks of this many logits (as for a large vocabulary)."""
     torch.manual_seed(0)
+    default_chunk = gpt_module.CHUNK_ELEMENTS
+    gpt_module.CHUNK_ELEMENTS = chunk or default_chunk
     cfg = TrainConfig(max_iters=steps, batch_size=2 * B // world, log_interval=1, eval_interval=3,
                       eval_iters=1, warmup_iters=2, learning_rate=3e-3, device="cpu", fsdp=fsdp,
                       gradient_accumulation_steps=accumulation)
@@ -62,7 +66,10 @@ def train(out_dir, world: int, steps: int = STEPS, resume: bool = False, fsdp: b
                       CharTokenizer.from_text("abcdefghijklmnopqrst"), progress=False, eval_hook=by_hand)
     if resume:
         trainer.resume()
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        gpt_module.CHUNK_ELEMENTS = default_chunk
     return trainer
 
 
@@ -79,24 +86,24 @@ def by_hand(trainer: Trainer) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, steps: int, resume: bool, fsdp: bool,
-            accumulation: int) -> None:
+            accumulation: int, chunk: int | None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from lmforge.train import distributed
 
     try:
-        train(out_dir, world, steps, resume, fsdp, accumulation)
+        train(out_dir, world, steps, resume, fsdp, accumulation, chunk)
     finally:
         distributed.cleanup()
 
 
 def run_two_ranks(out_dir, steps: int = STEPS, resume: bool = False, fsdp: bool = False,
-                  accumulation: int = 1) -> None:
+                  accumulation: int = 1, chunk: int | None = None) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(out_dir), steps, resume, fsdp, accumulation), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, port, str(out_dir), steps, resume, fsdp, accumulation, chunk), nprocs=2, join=True)
 
 
 def records(run_dir, key):
@@ -141,9 +148,10 @@ def test_two_rank_resume_is_exact(tmp_path):
 def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tmp_path):
     """Sharded weights, gradients and AdamW state: 3 steps, a gathered checkpoint, a resumed
     3 more (the optimizer state goes through the file), with 2 micro-batches per step; the
-    losses and final weights equal one process with twice the batch."""
-    run_two_ranks(tmp_path / "fsdp", steps=3, fsdp=True, accumulation=2)
-    run_two_ranks(tmp_path / "fsdp", steps=STEPS, resume=True, fsdp=True, accumulation=2)
+    losses and final weights equal one process with twice the batch. The sharded runs compute
+    the loss in chunks of 5 tokens (the large-vocabulary path), the single process whole."""
+    run_two_ranks(tmp_path / "fsdp", steps=3, fsdp=True, accumulation=2, chunk=100)
+    run_two_ranks(tmp_path / "fsdp", steps=STEPS, resume=True, fsdp=True, accumulation=2, chunk=100)
     single = train(tmp_path / "single", world=1, accumulation=2)
     for key in ("loss", "val_loss", "by_hand"):
         a, b = records(tmp_path / "fsdp", key), records(tmp_path / "single", key)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..nn import MLP, KVCache, LearnedPositions, MultiHeadAttention, RotaryEmbedding, SinusoidalPositions, make_norm
 from ..config import ConfigBase, check_choice
+from ..nn.loss import CHUNK_ELEMENTS, chunked_cross_entropy, head_weight
 
 
 @dataclass
@@ -114,9 +115,11 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None):
+                mask: torch.Tensor | None = None, return_logits: bool = True):
         """idx: (B, T) token ids. Returns logits (B, T, vocab); with `targets` (B, T) returns
-        (logits, mean cross-entropy), ignoring target positions equal to -1.
+        (logits, mean cross-entropy), ignoring target positions equal to -1. With
+        `return_logits=False` the logits may come back as None: when they would be large, the
+        loss is then computed a chunk of tokens at a time and they never exist whole.
         With a `cache`, idx holds only the new tokens, placed after the cached ones.
         For rows at different offsets (batched serving): `positions` (B, T) are each token's
         position (the caller keeps them below block_size) and `mask`, bool broadcastable to
@@ -138,11 +141,26 @@ class GPT(nn.Module):
             x = block(x, rope=rope, cache=cache, mask=mask)
         if cache is not None:
             cache.advance(T)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        x = self.ln_f(x)
+        if targets is not None and not return_logits:
+            loss = self._loss_in_chunks(x, targets)
+            if loss is not None:
+                return None, loss
+        logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def _loss_in_chunks(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """The loss without whole logits; None when they are small (making them is then the
+        fastest way) or the head's output is not x @ W.T for one weight W."""
+        if targets.numel() * self.config.vocab_size <= CHUNK_ELEMENTS:
+            return None
+        weight = head_weight(self.lm_head)
+        if weight is None:
+            return None
+        return chunked_cross_entropy(x, weight, targets, self.lm_head.bias, chunk_elements=CHUNK_ELEMENTS)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -110,6 +110,15 @@ class LoRALinear(nn.Module):
         # keep y for backward): one output-sized tensor instead of three
         return y.add_(F.linear(h, self.lora_B * self.scaling))  # (..., out)
 
+    def effective_weight(self) -> torch.Tensor | None:
+        """W + scaling B A as one tensor (the chunked loss uses it in place of the logits);
+        None while adapter dropout is active, which no single weight can express."""
+        if self.merged:
+            return self.weight
+        if self.training and isinstance(self.lora_dropout, nn.Dropout):
+            return None
+        return self.weight + self.delta_weight().to(self.weight.dtype)
+
     @torch.no_grad()
     def merge(self) -> None:
         """W <- W + scaling * B A. The forward pass is then one matrix product, as the base's."""
@@ -199,6 +208,11 @@ class LoRATiedLinear(nn.Module):
         if src.merged:
             return y
         return y.add_(F.linear(F.linear(x, src.lora_A), src.lora_B * src.scaling))  # as LoRALinear
+
+    def effective_weight(self) -> torch.Tensor:
+        """E + scaling B A: the adapted embedding, which this head reads as its weight."""
+        src = self.source
+        return self.weight if src.merged else self.weight + src.delta_weight().to(self.weight.dtype)
 
     def to_linear(self) -> nn.Linear:
         return plain_linear(self)

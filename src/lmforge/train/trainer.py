@@ -1,12 +1,14 @@
 """The training loop: AdamW, warm-up + cosine learning rate, gradient clipping and
 accumulation, periodic evaluation, atomic checkpoints and exact resume.
 
-It works for any model whose `forward(*batch)` returns (logits, loss) and any data source with
+It works for any model whose `forward(*batch)` returns (logits, loss) (when its forward takes
+`return_logits`, the loop passes False and reads only the loss) and any data source with
 `get_batch(split)`, `tokens_per_batch()` and `state_dict()`/`load_state_dict()`."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import signal
 import sys
@@ -76,6 +78,9 @@ class Trainer:
         # DDP's wrapper syncs on every call, so evaluation uses the bare model; a sharded model
         # gathers its weights in every call, which is why every rank evaluates, in step.
         self.eval_forward = self.forward if self.world_size == 1 else self.model
+        # the loop reads only the loss: a model that can skip making whole logits is told so
+        self.loss_only = ({"return_logits": False}
+                          if "return_logits" in inspect.signature(model.forward).parameters else {})
         self.optimizer = make_optimizer(model, cfg, self.device)
         self.iter = 0  # optimizer steps completed
         self.tokens = 0  # training tokens seen
@@ -180,7 +185,7 @@ class Trainer:
             losses = torch.zeros(self.cfg.eval_iters)
             for i in range(self.cfg.eval_iters):
                 with self.autocast:
-                    _, loss = self.eval_forward(*self.data.get_batch(split, generator=gen))
+                    _, loss = self.eval_forward(*self.data.get_batch(split, generator=gen), **self.loss_only)
                 losses[i] = loss.float()
             out[f"{split}_loss"] = losses.mean().item()
         self.model.train()
@@ -202,7 +207,7 @@ class Trainer:
                 with self.autocast:
                     # keep only the loss: holding the (B, T, vocab) logits through backward
                     # would keep a second logits-sized tensor alive for no use
-                    loss = self.forward(*batch)[1] / cfg.gradient_accumulation_steps
+                    loss = self.forward(*batch, **self.loss_only)[1] / cfg.gradient_accumulation_steps
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         if cfg.grad_clip > 0:
