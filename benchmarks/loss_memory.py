@@ -11,7 +11,10 @@ the model was built, and the step time:
 - lmforge with the chunk size raised above the batch's logits (whole logits, as before),
 - lmforge as shipped (chunked),
 - and both again for LoRA r=8 on the attention projections, where the frozen weights have
-  no gradients or AdamW moments and the logits are a larger share of the step.
+  no gradients or AdamW moments and the logits are a larger share of the step;
+- with `--only eval-transformers,eval-lmforge-whole,eval-lmforge`: the loss of one batch
+  without gradients, as `lmforge eval` computes it (`lmforge.evaluate.split_loss`, whose
+  default batch is 16 blocks: 16 x 1024 x 50,257 logits are 3.3 GB for GPT-2).
 
     python benchmarks/loss_memory.py --preset gpt2 --batch 4 --block 256 --steps 3 --markdown /tmp/loss.md
 
@@ -35,7 +38,9 @@ import torch
 import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
-CONTENDERS = ("transformers", "lmforge-whole", "lmforge", "lmforge-lora-whole", "lmforge-lora")
+CONTENDERS = ("transformers", "lmforge-whole", "lmforge", "lmforge-lora-whole", "lmforge-lora",
+              "eval-transformers", "eval-lmforge-whole", "eval-lmforge")
+TRAINING = CONTENDERS[:5]
 
 
 def rss_mib(field: str) -> float:
@@ -114,6 +119,44 @@ def transformers_steps(mc: dict, args: argparse.Namespace) -> tuple[list[float],
     return times, losses, n, n
 
 
+def eval_loss(name: str, mc: dict, args: argparse.Namespace) -> tuple[list[float], list[float], int, int]:
+    """One batch's loss without gradients, `args.steps` times."""
+    import numpy as np
+
+    tokens = np.random.default_rng(0).integers(0, mc["vocab_size"], size=args.batch * args.block + 1)
+    if name == "eval-transformers":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=mc["vocab_size"], n_positions=mc["block_size"],
+                                           n_embd=mc["n_embd"], n_layer=mc["n_layer"], n_head=mc["n_head"])).eval()
+        x = torch.as_tensor(tokens[:-1], dtype=torch.long).view(args.batch, args.block)
+
+        def loss() -> float:
+            with torch.no_grad():
+                return model(input_ids=x, labels=x).loss.item()
+    else:
+        import types
+
+        import lmforge.models.gpt as gpt_module
+        from lmforge.evaluate import split_loss
+        from lmforge.models import build_model
+
+        if name.endswith("-whole"):
+            gpt_module.CHUNK_ELEMENTS = 1 << 62
+        model = build_model("gpt", mc)
+        data = types.SimpleNamespace(splits={"val": tokens})
+
+        def loss() -> float:
+            return split_loss(model, data, "val", batch_size=args.batch)[0]
+    times, losses = [], []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        losses.append(loss())
+        times.append(time.perf_counter() - t)
+    n = sum(p.numel() for p in model.parameters())
+    return times, losses, 0, n
+
+
 def run(_: int, name: str, args: argparse.Namespace, out: str) -> None:
     if args.mmap_threshold:
         ctypes.CDLL(None).mallopt(-3, args.mmap_threshold)  # -3: M_MMAP_THRESHOLD
@@ -125,7 +168,9 @@ def run(_: int, name: str, args: argparse.Namespace, out: str) -> None:
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # what any optimizer imports, for both
     before = rss_mib("VmRSS")
     torch.manual_seed(0)
-    if name == "transformers":
+    if name.startswith("eval-"):
+        times, losses, trainable, total = eval_loss(name, mc, args)
+    elif name == "transformers":
         times, losses, trainable, total = transformers_steps(mc, args)
     else:
         times, losses, trainable, total = lmforge_steps(name, mc, args)
@@ -145,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mmap-threshold", type=int, default=65536,
                     help="glibc M_MMAP_THRESHOLD in bytes (0: glibc's default, see above)")
-    ap.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
+    ap.add_argument("--only", default=",".join(TRAINING),
+                    help=f"comma-separated contenders, of: {', '.join(CONTENDERS)} (default: the training ones)")
     ap.add_argument("--markdown", default=None, help="also write the table here")
     args = ap.parse_args(argv)
     names = [n for n in args.only.split(",") if n]

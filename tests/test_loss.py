@@ -126,3 +126,28 @@ def test_trainer_steps_match_with_and_without_chunks(monkeypatch):
     assert la == pytest.approx(lb, abs=1e-5)
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=0)
+
+
+def test_split_loss_through_chunks_equals_whole_logits(monkeypatch):
+    """`lmforge eval`'s loss over a split: asked of the model without logits (chunked), it
+    equals the sum of F.cross_entropy over whole logits, block by block (1e-5)."""
+    import types
+
+    import numpy as np
+
+    from lmforge.evaluate import split_loss
+
+    model = _gpt().eval()
+    tokens = np.random.default_rng(0).integers(0, 500, size=32 * 5 + 7)  # a short last block
+    data = types.SimpleNamespace(splits={"val": tokens})
+    monkeypatch.setattr(gpt_module, "CHUNK_ELEMENTS", 3000)
+    loss, n = split_loss(model, data, "val", batch_size=2)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(tokens) - 1, 32):
+            seq = torch.as_tensor(tokens[s:s + 33], dtype=torch.long)
+            logits = model(seq[None, :-1])
+            total += F.cross_entropy(logits[0], seq[1:], reduction="sum").item()
+            count += len(seq) - 1
+    assert n == count == len(tokens) - 1
+    assert loss == pytest.approx(total / count, abs=1e-5)
