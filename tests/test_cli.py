@@ -17,11 +17,14 @@ def test_end_to_end(tmp_path, small_corpus, capsys):
     tok, data, run = tmp_path / "tok.json", tmp_path / "data", tmp_path / "run"
     assert run_cli("tokenizer", "train", "--input", small_corpus, "--vocab-size", "300", "--out", tok) == 0
     assert run_cli("prepare", "--input", small_corpus, "--tokenizer", tok, "--out", data, "--no-progress") == 0
-    fast = ["--set", "n_layer=2", "--set", "n_embd=32", "--set", "n_head=2", "--set", "batch_size=4",
+    # one --set may take several settings, and --set may repeat
+    fast = ["--set", "n_layer=2", "n_embd=32", "n_head=2", "--set", "batch_size=4",
             "--set", "eval_iters=2", "--set", "eval_interval=25"]
     assert run_cli("train", "--data", data, "--out", run, "--set", "max_iters=50", *fast, "--no-progress") == 0
     for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer.pt", "metrics.jsonl"):
         assert (run / name).is_file()
+    saved = json.loads((run / "config.json").read_text())["model_config"]
+    assert (saved["n_layer"], saved["n_embd"], saved["n_head"]) == (2, 32, 2)
     capsys.readouterr()
     assert run_cli("sample", "--run", run, "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1") == 0
     first = capsys.readouterr().out

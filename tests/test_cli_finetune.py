@@ -128,6 +128,8 @@ def test_error_cases(base, tmp_path, capsys):
         *sets(*SHAPE, "n_embd=48", "max_iters=1", "eval_interval=1"))
     assert "different base model" in run_err(
         ["sample", "--run", tmp_path / "wide", "--adapter", tmp_path / "ad", "--max-new-tokens", "2"], capsys)
+    assert "holds a LoRA adapter, not a run: pass the base run as --run and --adapter" in run_err(
+        ["sample", "--run", tmp_path / "ad", "--max-new-tokens", "2"], capsys)
     assert "already holds a training run" in run_err(
         ["finetune", "--base", run, "--data", new, "--out", tmp_path / "ad", *one], capsys)
     assert "is a lora fine-tuning run" in run_err(

@@ -86,6 +86,9 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise LMForgeError(f"run directory not found: {run_dir}")
+    if not (run_dir / "config.json").exists() and (run_dir / "adapter_config.json").exists():
+        raise LMForgeError(f"{run_dir} holds a LoRA adapter, not a run: pass the base run as --run and "
+                           f"--adapter {run_dir} (or merge them with `lmforge merge`)")
     cfg = read_json(run_dir / "config.json", "run config")
     if not isinstance(cfg, dict) or cfg.get("format") != RUN_FORMAT:
         raise LMForgeError(f"{run_dir}/config.json is not an lmforge run config")

@@ -32,8 +32,8 @@ def register(sub) -> None:
                         "docs/finetuning.md (default: attn.qkv attn.proj)")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML file of training settings")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set max_iters=200 --set learning_rate=1e-3 (repeatable)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override settings, e.g. --set max_iters=200 learning_rate=1e-3 (or repeat --set)")
     p.add_argument("--resume", action="store_true", help="continue the fine-tuning run in OUT")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (not always faster)")
     add_progress_flag(p)

@@ -10,8 +10,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="KIND",
                    help="model kind (gpt, nnlm, ...): starts from the first preset of that kind")
     p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML file of settings (flat keys, as --set)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set max_iters=500 --set n_layer=6 (repeatable)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override settings, e.g. --set max_iters=500 n_layer=6 (or repeat --set)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (not always faster)")
     from .common import add_progress_flag

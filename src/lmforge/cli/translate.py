@@ -57,7 +57,7 @@ def _action_parser(action: str) -> argparse.ArgumentParser:
             p.add_argument(f"--{name}", metavar="FILE", help="(taken from the run when resuming)")
         p.add_argument("--out", required=True, metavar="RUN")
         p.add_argument("--preset", default=None, help="transformer-multi30k (default) or transformer-tiny")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
         p.add_argument("--tokenizer", default=None, metavar="FILE", help="use this tokenizer instead of training one")
         p.add_argument("--resume", action="store_true")
         add_progress_flag(p)
