@@ -26,7 +26,6 @@ them, hiding what is no longer used.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
 import sys
@@ -36,37 +35,12 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from memory_common import RandomTokens, rss_mib, set_mmap_threshold
 
 REPO = Path(__file__).resolve().parents[1]
 CONTENDERS = ("transformers", "lmforge-whole", "lmforge", "lmforge-lora-whole", "lmforge-lora",
               "eval-transformers", "eval-lmforge-whole", "eval-lmforge")
 TRAINING = CONTENDERS[:5]
-
-
-def rss_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
-
-
-class RandomTokens:
-    def __init__(self, vocab: int, batch: int, block: int):
-        self.vocab, self.batch, self.block = vocab, batch, block
-        self.gen = torch.Generator().manual_seed(0)
-
-    def get_batch(self, split, generator=None):
-        xy = torch.randint(0, self.vocab, (self.batch, self.block + 1), generator=generator or self.gen)
-        return xy[:, :-1], xy[:, 1:]
-
-    def tokens_per_batch(self) -> int:
-        return self.batch * self.block
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 def lmforge_steps(name: str, mc: dict, args: argparse.Namespace) -> tuple[list[float], list[float], int, int]:
@@ -158,8 +132,7 @@ def eval_loss(name: str, mc: dict, args: argparse.Namespace) -> tuple[list[float
 
 
 def run(_: int, name: str, args: argparse.Namespace, out: str) -> None:
-    if args.mmap_threshold:
-        ctypes.CDLL(None).mallopt(-3, args.mmap_threshold)  # -3: M_MMAP_THRESHOLD
+    set_mmap_threshold(args.mmap_threshold)
     torch.set_num_threads(args.threads)
     from lmforge.models.presets import get_preset
 

@@ -20,7 +20,6 @@ so RSS follows the live memory; every run gets the same setting.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import socket
@@ -32,46 +31,15 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from memory_common import RandomTokens, rss_mib, set_mmap_threshold
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def rss_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
-
-
-class RandomTokens:
-    """Fixed random batches; each rank draws its own stream."""
-
-    def __init__(self, vocab: int, batch: int, block: int):
-        self.vocab, self.batch, self.block, self.rank = vocab, batch, block, 0
-
-    def for_rank(self, rank: int) -> None:
-        self.rank = rank
-
-    def get_batch(self, split, generator=None):
-        gen = generator or torch.Generator().manual_seed(self.rank)
-        xy = torch.randint(0, self.vocab, (self.batch, self.block + 1), generator=gen)
-        return xy[:, :-1], xy[:, 1:]
-
-    def tokens_per_batch(self) -> int:
-        return self.batch * self.block
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 def run(rank: int, world: int, port: int, mode: str, args: argparse.Namespace, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    if args.mmap_threshold:
-        ctypes.CDLL(None).mallopt(-3, args.mmap_threshold)  # -3: M_MMAP_THRESHOLD
+    set_mmap_threshold(args.mmap_threshold)
     torch.set_num_threads(args.threads)
     from lmforge.models import build_model
     from lmforge.models.presets import get_preset
