@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from memory_common import RandomTokens, rss_mib, set_mmap_threshold
+from memory_common import RandomTokens, report, rss_mib, set_mmap_threshold
 
 REPO = Path(__file__).resolve().parents[1]
 CONTENDERS = ("transformers", "lmforge-whole", "lmforge", "lmforge-lora-whole", "lmforge-lora",
@@ -186,10 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {r['name']} | {r['trainable'] / 1e6:.2f}M of {r['total'] / 1e6:.1f}M | "
                      f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - r['rss_before_model_mib']:.0f} | "
                      f"{r['step_s']:.2f} | {r['losses'][0]:.3f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
+    report(lines, args.markdown)
 
 
 if __name__ == "__main__":

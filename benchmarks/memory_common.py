@@ -46,3 +46,11 @@ class RandomTokens:
 
     def load_state_dict(self, state):
         pass
+
+
+def report(lines: list[str], markdown: str | None) -> None:
+    """Print the table, and write it to `markdown` when given."""
+    text = "\n".join(lines)
+    print(text)
+    if markdown:
+        Path(markdown).write_text(text + "\n")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from memory_common import RandomTokens, rss_mib, set_mmap_threshold
+from memory_common import RandomTokens, report, rss_mib, set_mmap_threshold
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,10 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         name = {"single": "1 process", "ddp": "2 processes, DDP", "fsdp": "2 processes, FSDP"}[r["mode"]]
         lines.append(f"| {name} | {r['rank']} | {r['peak_rss_mib']:.0f} | "
                      f"{r['peak_rss_mib'] - r['rss_before_model_mib']:.0f} | {r['step_s']:.2f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
+    report(lines, args.markdown)
 
 
 if __name__ == "__main__":
