@@ -151,3 +151,20 @@ def test_split_loss_through_chunks_equals_whole_logits(monkeypatch):
             count += len(seq) - 1
     assert n == count == len(tokens) - 1
     assert loss == pytest.approx(total / count, abs=1e-5)
+
+
+def test_float16_gradients_do_not_underflow():
+    """Under float16 autocast the 1/N of the mean must not be applied in float16: with 262,144
+    tokens, softmax/N is ~6e-8, far below float16's smallest normal number (6e-5). With a
+    GradScaler's factor (2^16 here) the gradients must match float32's to 1%."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(1 << 18, 16, generator=g, requires_grad=True)
+    w = (torch.randn(64, 16, generator=g) * 0.3).requires_grad_()
+    t = torch.randint(0, 64, (1 << 18,), generator=g)
+    ref = torch.autograd.grad(F.cross_entropy(h @ w.T, t), (h, w))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = chunked_cross_entropy(h, w, t, chunk_elements=64 * 1024)
+    got = torch.autograd.grad(loss * 2.0**16, (h, w))
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.float32
+        assert ((a / 2.0**16 - b).abs().max() / b.abs().max()).item() < 1e-2

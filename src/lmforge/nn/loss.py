@@ -27,7 +27,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         scale = 1.0 / n_valid.clamp(min=1).to(acc)  # a mean over the counted tokens
         w = weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
-        grad_h = torch.empty_like(h) if need_grad and ctx.needs_input_grad[0] else None
+        # gradients are kept in float32 (at least) and scaled by 1/n only there: in a 16-bit
+        # compute dtype, softmax/n would underflow before a GradScaler could scale it up
+        grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if need_grad and ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) \
             if need_grad and ctx.needs_input_grad[1] else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) \
@@ -44,7 +46,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 continue
             p = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             p[torch.arange(len(tc), device=p.device), tc] -= 1.0  # - onehot(target)
-            p.mul_((valid * scale)[:, None])  # ignored rows contribute nothing
+            p.mul_(valid[:, None])  # ignored rows contribute nothing
             if grad_b is not None:
                 grad_b += p.sum(0)
             p = p.to(compute_dtype)
@@ -54,19 +56,19 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 grad_w.addmm_(p.t(), hc)
             elif grad_w is not None:
                 grad_w += (p.t() @ hc).to(acc)
+        for g in (grad_h, grad_w, grad_b):
+            if g is not None:
+                g.mul_(scale)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total * scale
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        scaled = [None if g is None else g * grad_loss for g in (grad_h, grad_w, grad_b)]
-        if scaled[1] is not None:
-            scaled[1] = scaled[1].to(ctx.dtypes[0])
-        if scaled[2] is not None:
-            scaled[2] = scaled[2].to(ctx.dtypes[1])
-        return (*scaled, None, None, None, None, None)
+        # scale (e.g. by a GradScaler's factor) first, then go back to each input's dtype
+        grads = [None if g is None else (g * grad_loss).to(dtype)
+                 for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (*grads, None, None, None, None, None)
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
