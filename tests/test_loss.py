@@ -14,9 +14,10 @@ from lmforge.nn.loss import chunked_cross_entropy
 from lmforge.train import TrainConfig, Trainer
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("vocab,n,chunk,bias", [(50, 37, 200, False), (1000, 129, 5000, True),
                                                 (300, 64, 10**6, False), (7, 10, 1, True)])
-def test_matches_cross_entropy_of_full_logits(vocab, n, chunk, bias):
+def test_matches_cross_entropy_of_full_logits(vocab, n, chunk, bias, smoothing):
     """float64, so the only differences are summation order: 1e-12."""
     g = torch.Generator().manual_seed(vocab)
     h = torch.randn(n, 16, dtype=torch.float64, generator=g, requires_grad=True)
@@ -25,9 +26,9 @@ def test_matches_cross_entropy_of_full_logits(vocab, n, chunk, bias):
     t = torch.randint(0, vocab, (n,), generator=g)
     t[::5] = -1  # ignored positions
     inputs = [x for x in (h, w, b) if x is not None]
-    ref = F.cross_entropy(F.linear(h, w, b), t, ignore_index=-1)
+    ref = F.cross_entropy(F.linear(h, w, b), t, ignore_index=-1, label_smoothing=smoothing)
     ref_grads = torch.autograd.grad(ref * 3.0, inputs)
-    out = chunked_cross_entropy(h, w, t, b, chunk_elements=chunk)
+    out = chunked_cross_entropy(h, w, t, b, label_smoothing=smoothing, chunk_elements=chunk)
     grads = torch.autograd.grad(out * 3.0, inputs)
     assert out.item() == pytest.approx(ref.item(), abs=1e-12)
     for got, want in zip(grads, ref_grads):

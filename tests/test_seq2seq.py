@@ -86,6 +86,27 @@ def test_loss_is_label_smoothed_cross_entropy_ignoring_padding():
     assert abs(loss.item() - ref.item()) <= 1e-5
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_loss_in_chunks_equals_loss_from_logits(monkeypatch, tie):
+    """return_logits=False with a chunk of 2 tokens: the same label-smoothed, padding-ignoring
+    loss and gradients as from whole logits (1e-6)."""
+    import lmforge.models.seq2seq as seq2seq_module
+
+    model = tiny(label_smoothing=0.1, tie_embeddings=tie)
+    src = batch_of([[5, 6, EOS], [7, EOS]])
+    tgt_in = torch.tensor([[BOS, 3, 4], [BOS, 5, PAD]])
+    tgt_out = torch.tensor([[3, 4, EOS], [5, EOS, PAD]])
+    params = list(model.parameters())
+    _, ref = model(src, tgt_in, tgt_out)
+    ref_grads = torch.autograd.grad(ref, params)
+    monkeypatch.setattr(seq2seq_module, "CHUNK_ELEMENTS", 2 * V)
+    logits, loss = model(src, tgt_in, tgt_out, return_logits=False)
+    grads = torch.autograd.grad(loss, params)
+    assert logits is None and abs(loss.item() - ref.item()) <= 1e-6
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
 def test_tied_and_untied_embeddings():
     tied, untied = tiny(), tiny(tie_embeddings=False)
     assert tied.lm_head.weight is tied.src_emb.weight is tied.tgt_emb.weight

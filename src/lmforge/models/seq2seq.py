@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import ConfigBase, check_choice
 from ..nn import MLP, KVCache, LearnedPositions, MultiHeadAttention, SinusoidalPositions, make_norm
+from ..nn.loss import CHUNK_ELEMENTS, chunked_cross_entropy, head_weight
 
 
 @dataclass
@@ -191,19 +192,32 @@ class Transformer(nn.Module):
             x = block(x, src_mask)
         return self.enc_norm(x), src_mask
 
-    def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+    def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor,
+               hidden: bool = False) -> torch.Tensor:
         """Teacher forcing: tgt_in (B, T) = bos + target; returns logits (B, T, vocab) where
-        position t predicts target token t. Causal masking hides later positions (and with
-        them the padding at the end of shorter targets)."""
+        position t predicts target token t (with `hidden`, the states (B, T, C) the head reads).
+        Causal masking hides later positions (and with them the padding at the end of shorter
+        targets)."""
         x = self._embed(self.tgt_emb, tgt_in)
         for block in self.decoder:
             x = block(x, memory, src_mask)
-        return self.lm_head(self.dec_norm(x))
+        x = self.dec_norm(x)
+        return x if hidden else self.lm_head(x)
 
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor | None = None):
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor | None = None,
+                return_logits: bool = True):
         """Returns logits (B, T, vocab); with tgt_out (B, T) returns (logits, loss), the
-        label-smoothed cross-entropy over the non-padding target tokens."""
+        label-smoothed cross-entropy over the non-padding target tokens. With
+        `return_logits=False` the logits may be None: large ones are then never made whole
+        (the loss goes a chunk of tokens at a time, as in GPT)."""
         memory, src_mask = self.encode(src)
+        cfg = self.config
+        if tgt_out is not None and not return_logits and tgt_out.numel() * cfg.vocab_size > CHUNK_ELEMENTS:
+            weight = head_weight(self.lm_head)
+            if weight is not None:
+                x = self.decode(tgt_in, memory, src_mask, hidden=True)
+                return None, chunked_cross_entropy(x, weight, tgt_out, self.lm_head.bias, ignore_index=cfg.pad_id,
+                                                   label_smoothing=cfg.label_smoothing, chunk_elements=CHUNK_ELEMENTS)
         logits = self.decode(tgt_in, memory, src_mask)
         if tgt_out is None:
             return logits

@@ -20,8 +20,9 @@ CHUNK_ELEMENTS = 1 << 24
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, ignore_index: int, rows: int, need_grad: bool,
-                compute_dtype: torch.dtype) -> torch.Tensor:
+                targets: torch.Tensor, ignore_index: int, label_smoothing: float, rows: int,
+                need_grad: bool, compute_dtype: torch.dtype) -> torch.Tensor:
+        eps = label_smoothing
         acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums: float32 at least
         n_valid = (targets != ignore_index).sum()
         scale = 1.0 / n_valid.clamp(min=1).to(acc)  # a mean over the counted tokens
@@ -41,11 +42,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             valid = tc != ignore_index
             tc = tc.masked_fill(~valid, 0)  # any index: its row is masked out below
             lse = torch.logsumexp(z, dim=-1)
-            total += ((lse - z.gather(1, tc[:, None]).squeeze(1)) * valid).sum()
+            # -log p(target), mixed with eps x the mean of -log p over the vocabulary
+            per_token = lse - (1.0 - eps) * z.gather(1, tc[:, None]).squeeze(1)
+            if eps:
+                per_token -= eps * z.mean(dim=-1)
+            total += (per_token * valid).sum()
             if grad_h is None and grad_w is None and grad_b is None:
                 continue
             p = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            p[torch.arange(len(tc), device=p.device), tc] -= 1.0  # - onehot(target)
+            p[torch.arange(len(tc), device=p.device), tc] -= 1.0 - eps  # - the smoothed target
+            if eps:
+                p -= eps / p.size(1)
             p.mul_(valid[:, None])  # ignored rows contribute nothing
             if grad_b is not None:
                 grad_b += p.sum(0)
@@ -68,15 +75,16 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         # scale (e.g. by a GradScaler's factor) first, then go back to each input's dtype
         grads = [None if g is None else (g * grad_loss).to(dtype)
                  for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           bias: torch.Tensor | None = None, ignore_index: int = -1,
-                          chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                          label_smoothing: float = 0.0, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Mean cross-entropy of logits = h @ weight.T (+ bias) against targets, equal to
-    F.cross_entropy(F.linear(h, weight, bias), targets, ignore_index=...) but holding only
-    chunk_elements logits at a time. h: (..., d), weight: (vocab, d), targets: (...)."""
+    F.cross_entropy(F.linear(h, weight, bias), targets, ignore_index=..., label_smoothing=...)
+    but holding only chunk_elements logits at a time. h: (..., d), weight: (vocab, d),
+    targets: (...)."""
     h = h.reshape(-1, h.size(-1))
     targets = targets.reshape(-1)
     rows = max(1, chunk_elements // weight.size(0))
@@ -86,8 +94,8 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (h, weight, bias))
     with torch.autocast(device_type, enabled=False):  # the chunks pick their dtype themselves
-        return _ChunkedCrossEntropy.apply(h, weight, bias, targets, ignore_index, rows, need_grad,
-                                          compute_dtype)
+        return _ChunkedCrossEntropy.apply(h, weight, bias, targets, ignore_index, label_smoothing, rows,
+                                          need_grad, compute_dtype)
 
 
 def head_weight(head: nn.Module) -> torch.Tensor | None:
