@@ -44,14 +44,14 @@ TRAINING = CONTENDERS[:5]
 
 
 def lmforge_steps(name: str, mc: dict, args: argparse.Namespace) -> tuple[list[float], list[float], int, int]:
-    import lmforge.models.gpt as gpt_module
+    import lmforge.nn.loss as loss_module
     from lmforge.models import build_model
     from lmforge.nn.lora import apply_lora
     from lmforge.tokenizers import CharTokenizer
     from lmforge.train import TrainConfig, Trainer
 
     if name.endswith("-whole"):  # one chunk covers every token: the logits exist whole
-        gpt_module.CHUNK_ELEMENTS = 1 << 62
+        loss_module.CHUNK_ELEMENTS = 1 << 62
     model = build_model("gpt", mc)
     if "-lora" in name:
         apply_lora(model, ["attn.qkv", "attn.proj"], r=8, alpha=16.0, dropout=0.0)
@@ -111,12 +111,12 @@ def eval_loss(name: str, mc: dict, args: argparse.Namespace) -> tuple[list[float
     else:
         import types
 
-        import lmforge.models.gpt as gpt_module
+        import lmforge.nn.loss as loss_module
         from lmforge.evaluate import split_loss
         from lmforge.models import build_model
 
         if name.endswith("-whole"):
-            gpt_module.CHUNK_ELEMENTS = 1 << 62
+            loss_module.CHUNK_ELEMENTS = 1 << 62
         model = build_model("gpt", mc)
         data = types.SimpleNamespace(splits={"val": tokens})
 

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from lmforge.checkpoint import load_run
 from lmforge.errors import LMForgeError
-import lmforge.models.gpt as gpt_module
+import lmforge.nn.loss as loss_module
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizers import CharTokenizer
 from lmforge.train import TrainConfig, Trainer
@@ -57,8 +57,8 @@ def train(out_dir, world: int, steps: int = STEPS, resume: bool = False, fsdp: b
           accumulation: int = 1, chunk: int | None = None) -> Trainer:
     """chunk: compute the loss through chunks of this many logits (as for a large vocabulary)."""
     torch.manual_seed(0)
-    default_chunk = gpt_module.CHUNK_ELEMENTS
-    gpt_module.CHUNK_ELEMENTS = chunk or default_chunk
+    default_chunk = loss_module.CHUNK_ELEMENTS
+    loss_module.CHUNK_ELEMENTS = chunk or default_chunk
     cfg = TrainConfig(max_iters=steps, batch_size=2 * B // world, log_interval=1, eval_interval=3,
                       eval_iters=1, warmup_iters=2, learning_rate=3e-3, device="cpu", fsdp=fsdp,
                       gradient_accumulation_steps=accumulation)
@@ -69,7 +69,7 @@ def train(out_dir, world: int, steps: int = STEPS, resume: bool = False, fsdp: b
     try:
         trainer.fit()
     finally:
-        gpt_module.CHUNK_ELEMENTS = default_chunk
+        loss_module.CHUNK_ELEMENTS = default_chunk
     return trainer
 
 

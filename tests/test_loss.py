@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lmforge.models.gpt as gpt_module
+import lmforge.nn.loss as loss_module
 from lmforge.models import build_model
 from lmforge.nn.lora import apply_lora
 from lmforge.nn.loss import chunked_cross_entropy
@@ -65,7 +65,7 @@ def test_gpt_loss_without_logits(monkeypatch, adapted):
     params = [p for p in model.parameters() if p.requires_grad]
     logits, ref = model(idx, targets)
     ref_grads = torch.autograd.grad(ref, params)
-    monkeypatch.setattr(gpt_module, "CHUNK_ELEMENTS", 3000)  # several chunks of 6 tokens
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 3000)  # several chunks of 6 tokens
     logits, loss = model(idx, targets, return_logits=False)
     grads = torch.autograd.grad(loss, params)
     assert logits is None
@@ -86,7 +86,7 @@ def test_bf16_autocast_loss_close_to_full_logits(monkeypatch):
     idx = torch.randint(0, 500, (4, 32))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = model(idx, idx)[1]
-        monkeypatch.setattr(gpt_module, "CHUNK_ELEMENTS", 3000)
+        monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 3000)
         loss = model(idx, idx, return_logits=False)[1]
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(ref.item(), abs=2e-2)
@@ -116,7 +116,7 @@ def test_trainer_steps_match_with_and_without_chunks(monkeypatch):
     base = _gpt()
     results = []
     for chunk in (3000, 1 << 40):
-        monkeypatch.setattr(gpt_module, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", chunk)
         cfg = TrainConfig(max_iters=3, batch_size=4, warmup_iters=1, device="cpu", eval_iters=1)
         trainer = Trainer(copy.deepcopy(base), _Batches(500), cfg, tempfile.mkdtemp(), tokenizer=None,
                           progress=False)
@@ -141,7 +141,7 @@ def test_split_loss_through_chunks_equals_whole_logits(monkeypatch):
     model = _gpt().eval()
     tokens = np.random.default_rng(0).integers(0, 500, size=32 * 5 + 7)  # a short last block
     data = types.SimpleNamespace(splits={"val": tokens})
-    monkeypatch.setattr(gpt_module, "CHUNK_ELEMENTS", 3000)
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 3000)
     loss, n = split_loss(model, data, "val", batch_size=2)
     total, count = 0.0, 0
     with torch.no_grad():

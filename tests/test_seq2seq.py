@@ -90,7 +90,7 @@ def test_loss_is_label_smoothed_cross_entropy_ignoring_padding():
 def test_loss_in_chunks_equals_loss_from_logits(monkeypatch, tie):
     """return_logits=False with a chunk of 2 tokens: the same label-smoothed, padding-ignoring
     loss and gradients as from whole logits (1e-6)."""
-    import lmforge.models.seq2seq as seq2seq_module
+    import lmforge.nn.loss as loss_module
 
     model = tiny(label_smoothing=0.1, tie_embeddings=tie)
     src = batch_of([[5, 6, EOS], [7, EOS]])
@@ -99,7 +99,7 @@ def test_loss_in_chunks_equals_loss_from_logits(monkeypatch, tie):
     params = list(model.parameters())
     _, ref = model(src, tgt_in, tgt_out)
     ref_grads = torch.autograd.grad(ref, params)
-    monkeypatch.setattr(seq2seq_module, "CHUNK_ELEMENTS", 2 * V)
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 2 * V)
     logits, loss = model(src, tgt_in, tgt_out, return_logits=False)
     grads = torch.autograd.grad(loss, params)
     assert logits is None and abs(loss.item() - ref.item()) <= 1e-6

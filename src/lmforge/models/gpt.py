@@ -16,7 +16,7 @@ from torch import nn
 
 from ..nn import MLP, KVCache, LearnedPositions, MultiHeadAttention, RotaryEmbedding, SinusoidalPositions, make_norm
 from ..config import ConfigBase, check_choice
-from ..nn.loss import CHUNK_ELEMENTS, chunked_cross_entropy, head_weight
+from ..nn.loss import head_loss
 
 
 @dataclass
@@ -143,7 +143,7 @@ class GPT(nn.Module):
             cache.advance(T)
         x = self.ln_f(x)
         if targets is not None and not return_logits:
-            loss = self._loss_in_chunks(x, targets)
+            loss = head_loss(x, self.lm_head, targets)  # None: the logits are small, make them
             if loss is not None:
                 return None, loss
         logits = self.lm_head(x)  # (B, T, vocab)
@@ -151,16 +151,6 @@ class GPT(nn.Module):
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
-
-    def _loss_in_chunks(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
-        """The loss without whole logits; None when they are small (making them is then the
-        fastest way) or the head's output is not x @ W.T for one weight W."""
-        if targets.numel() * self.config.vocab_size <= CHUNK_ELEMENTS:
-            return None
-        weight = head_weight(self.lm_head)
-        if weight is None:
-            return None
-        return chunked_cross_entropy(x, weight, targets, self.lm_head.bias, chunk_elements=CHUNK_ELEMENTS)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

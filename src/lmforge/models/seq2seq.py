@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import ConfigBase, check_choice
 from ..nn import MLP, KVCache, LearnedPositions, MultiHeadAttention, SinusoidalPositions, make_norm
-from ..nn.loss import CHUNK_ELEMENTS, chunked_cross_entropy, head_weight
+from ..nn.loss import head_loss
 
 
 @dataclass
@@ -211,14 +211,13 @@ class Transformer(nn.Module):
         `return_logits=False` the logits may be None: large ones are then never made whole
         (the loss goes a chunk of tokens at a time, as in GPT)."""
         memory, src_mask = self.encode(src)
-        cfg = self.config
-        if tgt_out is not None and not return_logits and tgt_out.numel() * cfg.vocab_size > CHUNK_ELEMENTS:
-            weight = head_weight(self.lm_head)
-            if weight is not None:
-                x = self.decode(tgt_in, memory, src_mask, hidden=True)
-                return None, chunked_cross_entropy(x, weight, tgt_out, self.lm_head.bias, ignore_index=cfg.pad_id,
-                                                   label_smoothing=cfg.label_smoothing, chunk_elements=CHUNK_ELEMENTS)
-        logits = self.decode(tgt_in, memory, src_mask)
+        x = self.decode(tgt_in, memory, src_mask, hidden=True)
+        if tgt_out is not None and not return_logits:
+            loss = head_loss(x, self.lm_head, tgt_out, ignore_index=self.config.pad_id,
+                             label_smoothing=self.config.label_smoothing)
+            if loss is not None:
+                return None, loss
+        logits = self.lm_head(x)
         if tgt_out is None:
             return logits
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tgt_out.reshape(-1),

@@ -98,6 +98,20 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
                                           need_grad, compute_dtype)
 
 
+def head_loss(h: torch.Tensor, head: nn.Module, targets: torch.Tensor, ignore_index: int = -1,
+              label_smoothing: float = 0.0) -> torch.Tensor | None:
+    """The mean cross-entropy of head(h) against targets without making its logits whole; None
+    when they are small (making them is then the fastest way) or the head's output is not
+    h @ W.T + b for one weight W. Then the caller makes the logits as usual."""
+    if targets.numel() * getattr(head, "out_features", 0) <= CHUNK_ELEMENTS:
+        return None
+    weight = head_weight(head)
+    if weight is None:
+        return None
+    return chunked_cross_entropy(h, weight, targets, head.bias, ignore_index=ignore_index,
+                                 label_smoothing=label_smoothing, chunk_elements=CHUNK_ELEMENTS)
+
+
 def head_weight(head: nn.Module) -> torch.Tensor | None:
     """The output head's weight as one tensor, for chunked_cross_entropy: a plain Linear's own,
     or an adapted head's W + scaling B A (its `effective_weight`); None when the head's output
