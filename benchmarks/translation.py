@@ -194,8 +194,8 @@ def write_doc(args, rows, beams, beam, parity, speed, evals, plot, size, src, re
               f"- papers' metric: `{beam['psig']}` against `tok/test2016.lc.norm.tok.en`, hypotheses lower-cased "
               f"and tokenized by `lmforge.translate.bleu.moses_tokenize`, which reproduces {parity} of the "
               f"{n} reference lines exactly from the raw `test2016.en`.",
-              f"- Anchors on the papers' metric: 36.5 (9M-parameter 3+3 Transformer, greedy), 41.0 "
-              f"(~3M 4+4, en->de, beam 5, checkpoint averaging, GPUs). Target here: >= 38 within 60 minutes.", "",
+              "- Anchors on the papers' metric: 36.5 (9M-parameter 3+3 Transformer, greedy), 41.0 "
+              "(~3M 4+4, en->de, beam 5, checkpoint averaging, GPUs). Target here: >= 38 within 60 minutes.", "",
               "## Decode speed", "",
               f"- beam {args.beam}, all {n} test sentences: {beam['seconds']:.1f} s = "
               f"**{n / beam['seconds']:.1f} sentences/s** (1 thread, batches of up to 4,096 tokens / beam).",
