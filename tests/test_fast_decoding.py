@@ -72,17 +72,34 @@ def test_int8_linear_is_the_dequantised_product():
 
 
 @pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="torch built without oneDNN")
-def test_packed_bf16_matches_plain_bf16(model):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "transposed"])
+def test_bf16_layouts_match_plain_bf16(model, packed):
     idx = torch.randint(0, 97, (2, 8))
     plain = copy.deepcopy(model).to(torch.bfloat16)  # bf16 with the usual nn.Linear
-    packed = prepare_for_decoding(copy.deepcopy(model), dtype=torch.bfloat16)
-    assert isinstance(packed.blocks[0].attn.qkv, PackedLinear)
-    assert packed.lm_head.weight is packed.tok_emb.weight  # still tied
-    assert packed.state_dict().keys() == model.state_dict().keys()
+    fast = prepare_for_decoding(copy.deepcopy(model), dtype=torch.bfloat16, packed=packed)
+    qkv = fast.blocks[0].attn.qkv
+    if packed:
+        assert isinstance(qkv, PackedLinear)
+    else:
+        assert type(qkv) is torch.nn.Linear and qkv.weight.t().is_contiguous() and not qkv.weight.is_contiguous()
+    assert fast.lm_head.weight is fast.tok_emb.weight  # still tied
+    assert fast.state_dict().keys() == model.state_dict().keys()
     with torch.no_grad():
-        a, b = plain(idx).float(), packed(idx).float()
-        step = packed(idx[:1, :1]).float()  # the batch-1 one-token shape decoding uses
+        a, b = plain(idx).float(), fast(idx).float()
+        step = fast(idx[:1, :1]).float()  # the batch-1 one-token shape decoding uses
     # both round to bf16 at every layer; they may differ in summation order only
     scale = a.abs().max().item()
     assert (a - b).abs().max().item() < 0.01 * scale
     assert (step - a[:1, :1]).abs().max().item() < 0.01 * scale
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="torch built without oneDNN")
+def test_bf16_layout_is_chosen_once_per_shape(model):
+    fast = prepare_for_decoding(copy.deepcopy(model), dtype=torch.bfloat16)  # timed choice
+    kinds: dict[tuple, set] = {}
+    for name, m in fast.named_modules():
+        if isinstance(m, (PackedLinear, torch.nn.Linear)):
+            kinds.setdefault(tuple(m.weight.shape), set()).add(type(m))
+            if type(m) is torch.nn.Linear:  # not packed: then stored (in, out)
+                assert m.weight.t().is_contiguous(), name
+    assert kinds and all(len(k) == 1 for k in kinds.values())  # the same layers get the same layout

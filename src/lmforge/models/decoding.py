@@ -3,9 +3,11 @@ cache, then feed one token at a time."""
 
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..sampling import sample_next
@@ -63,8 +65,11 @@ def generate_ids(model, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> tor
 # the bytes stream. On this project's machines a vector-matrix product reads an fp32 weight
 # stored (in, out)-contiguous faster than the usual (out, in) nn.Linear layout (PERF-NOTES:
 # 19.7 vs 12.8 GB/s on an AMD Zen 4; docs/benchmarks.md: a few per cent on the Intel machine the
-# benchmarks ran on). In bf16 neither plain layout streams well (about half the bandwidth);
-# oneDNN's own blocked layout for the weight does (PackedLinear).
+# benchmarks ran on). In bf16 the (out, in) layout streams poorly (about half the bandwidth);
+# oneDNN's own blocked layout (PackedLinear) or the (in, out) one does, and which of the two is
+# faster depends on the CPU and the shape, so prepare_for_decoding times both once per shape
+# (on an Ice Lake CPU without bf16 instructions: the 50,257 x 768 LM head 3.2 ms (in, out)
+# against 4.8 ms packed; GPT-2's MLP down-projection 0.27 ms packed against 0.38 ms).
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -117,25 +122,60 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+def _seconds(f, reps: int = 5) -> float:
+    f()  # warm-up: first-call allocations, oneDNN primitive creation
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def packing_is_faster(weight: torch.Tensor, margin: float = 1.1) -> bool:
+    """Time one batch-1 product with the weight packed and with it stored (in, out). Packing
+    stays unless the other layout wins by `margin`: near-equal timings then do not flip the
+    choice (and with it the float rounding) from one run to the next."""
+    x = torch.randn(1, weight.shape[1], dtype=weight.dtype)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+    t_packed = _seconds(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+    w_t = weight.detach().t().contiguous().t()  # (out, in) view of (in, out) storage
+    return t_packed < margin * _seconds(lambda: F.linear(x, w_t))
+
+
 @torch.no_grad()
-def prepare_for_decoding(model: nn.Module, dtype: torch.dtype | None = None, int8: bool = False) -> nn.Module:
+def prepare_for_decoding(model: nn.Module, dtype: torch.dtype | None = None, int8: bool = False,
+                         packed: bool | None = None) -> nn.Module:
     """Re-lay a model's weights for fast token-by-token inference, in place; returns it in eval
     mode. For inference only; outputs are unchanged up to float rounding.
-    - dtype: e.g. torch.bfloat16 halves the bytes read per token; on a CPU every plain nn.Linear
-      in bf16 then becomes a PackedLinear (the model is for inference only from then on);
+    - dtype: e.g. torch.bfloat16 halves the bytes read per token; on a CPU each plain nn.Linear
+      in bf16 then either becomes a PackedLinear (the model is for inference only from then on)
+      or is stored transposed as below, whichever a timed product of its shape says is faster
+      (`packed=True` / `False` decides without timing, e.g. for a reproducible choice);
     - fp32: every plain nn.Linear stores its weight transposed ((in, out) contiguous; `weight`
       stays the usual (out, in) tensor as a view, so names, tying and state_dict are unchanged);
     - int8: replace each plain nn.Linear by an Int8Linear (weight-only quantisation)."""
     if dtype is not None:
         model.to(dtype=dtype)
+    faster_packed: dict[tuple, bool] = {}  # timed once per weight shape
+
+    def pack(w: torch.Tensor) -> bool:
+        if not can_pack(w) or packed is not None:
+            return can_pack(w) and bool(packed)
+        if tuple(w.shape) not in faster_packed:
+            faster_packed[tuple(w.shape)] = packing_is_faster(w)
+        return faster_packed[tuple(w.shape)]
+
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear:  # leave LoRA layers and other subclasses alone
                 continue
+            w = child.weight
             if int8:
                 setattr(parent, name, Int8Linear(child))
-            elif can_pack(child.weight):
+            elif pack(w):
                 setattr(parent, name, PackedLinear(child))
-            elif child.weight.dtype == torch.float32 and child.weight.is_contiguous():
-                child.weight.data = child.weight.data.t().contiguous().t()  # (out, in) view of (in, out)
+            elif w.is_contiguous() and (w.dtype == torch.float32
+                                        or (w.dtype == torch.bfloat16 and w.device.type == "cpu")):
+                child.weight.data = w.data.t().contiguous().t()  # (out, in) view of (in, out)
     return model.eval()
