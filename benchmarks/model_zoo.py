@@ -336,12 +336,17 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+TRAIN_STEPS_DIVISOR = {"char-tiny": 1, "shakespeare-small": 5}  # part a's shapes; the larger takes fewer steps
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description="lmforge vs peers: training, decoding, tokenizers, quality")
     ap.add_argument("--parts", default="a,b,c,d", help="which of a,b,c,d to run (default all)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds per timing")
     ap.add_argument("--train-steps", type=int, default=10, help="optimizer steps per training round")
+    ap.add_argument("--train-presets", default="char-tiny,shakespeare-small",
+                    help="part a's shapes (shakespeare-small takes a fifth of --train-steps per round)")
     ap.add_argument("--quality-iters", type=int, default=2000)
     ap.add_argument("--corpus", default=None, help="the 11 MB corpus (../shared/data/make-pydocs-corpus.sh); "
                                                     "without it, part c uses tinyshakespeare only")
@@ -358,6 +363,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parts = {x.strip() for x in args.parts.split(",") if x.strip()}
     if not parts or parts - set("abcd"):
         ap.error(f"--parts takes letters from a,b,c,d separated by commas, got {args.parts!r}")
+    train_presets = [x.strip() for x in args.train_presets.split(",") if x.strip()]
+    if not train_presets or set(train_presets) - TRAIN_STEPS_DIVISOR.keys():
+        ap.error(f"--train-presets takes {','.join(TRAIN_STEPS_DIVISOR)} separated by commas, got {args.train_presets!r}")
     if args.corpus and not Path(args.corpus).is_file():
         ap.error(f"--corpus: file not found: {args.corpus}")
     res: dict[str, Any] = {"command": " ".join(["python benchmarks/model_zoo.py", *(argv or sys.argv[1:])]),
@@ -367,8 +375,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if parts & {"a", "d"}:
             prepare([SHAKESPEARE], "char", data_dir, progress=False)
         if "a" in parts:
-            res["training"] = [bench_training(data_dir, "char-tiny", args.train_steps, args.rounds),
-                               bench_training(data_dir, "shakespeare-small", max(1, args.train_steps // 5), args.rounds)]
+            res["training"] = [bench_training(data_dir, name, max(1, args.train_steps // TRAIN_STEPS_DIVISOR[name]),
+                                              args.rounds) for name in train_presets]
         if "b" in parts:
             res["decoding"] = bench_decoding(max(2, args.rounds // 2))
         if "c" in parts:

@@ -22,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: min(2, cores))")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per timing (default 5)")
     p.add_argument("--train-steps", type=int, default=10, help="optimizer steps per training round (default 10)")
+    p.add_argument("--train-presets", default="char-tiny,shakespeare-small", metavar="NAMES",
+                   help="part a's shapes, comma-separated (default char-tiny,shakespeare-small)")
     p.add_argument("--quality-iters", type=int, default=2000, help="iterations per model in part d (default 2000)")
     p.add_argument("--corpus", default=None, metavar="FILE",
                    help="the 11 MB corpus for part c (make it with shared/data/make-pydocs-corpus.sh)")
@@ -50,7 +52,12 @@ def run(args: argparse.Namespace) -> int:
     spec = importlib.util.spec_from_file_location("lmforge_bench_suite", SUITE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    names = [x.strip() for x in args.train_presets.split(",") if x.strip()]
+    if not names or set(names) - module.TRAIN_STEPS_DIVISOR.keys():
+        raise LMForgeError(f"--train-presets takes {','.join(module.TRAIN_STEPS_DIVISOR)} separated by commas, "
+                           f"got {args.train_presets!r}")
     argv = [f"--parts={args.parts}", f"--rounds={args.rounds}", f"--train-steps={args.train_steps}",
+            f"--train-presets={args.train_presets}",
             f"--quality-iters={args.quality_iters}", f"--big-vocab={args.big_vocab}"]
     for flag, value in (("--threads", args.threads), ("--corpus", args.corpus), ("--json", args.json),
                         ("--markdown", args.markdown)):
