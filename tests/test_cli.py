@@ -97,3 +97,25 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "lmforge", "--help"], capture_output=True, text=True, check=True)
     for cmd in ("demo", "prepare", "train", "sample", "eval", "plot"):
         assert cmd in out.stdout
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["emulated-bf16", "native-bf16"])
+def test_bf16_on_a_cpu_without_bf16_instructions_gets_a_note(tmp_path, small_corpus, capsys, monkeypatch, native):
+    import platform
+
+    import torch
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    data, run = tmp_path / "data", tmp_path / "run"
+    run_cli("prepare", "--input", small_corpus, "--out", data, "--no-progress")
+    tiny = ["--set", "n_layer=1", "n_embd=16", "n_head=2", "batch_size=2", "eval_iters=1", "max_iters=1"]
+    capsys.readouterr()
+    assert run_cli("train", "--data", data, "--out", run, *tiny, "--set", "dtype=bfloat16", "--no-progress") == 0
+    assert ("no bf16 instructions" in capsys.readouterr().err) is not native
+    assert run_cli("eval", "--run", run, "--data", data, "--dtype", "bfloat16", "--max-tokens", "64",
+                   "--no-progress") == 0
+    assert ("no bf16 instructions" in capsys.readouterr().err) is not native
+    assert run_cli("eval", "--run", run, "--data", data, "--max-tokens", "64", "--no-progress") == 0
+    assert "bf16" not in capsys.readouterr().err  # float32 gets no note

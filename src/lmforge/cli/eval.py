@@ -28,7 +28,13 @@ def run(args: argparse.Namespace) -> int:
     from .common import show_progress
     from .sample import load_for_inference
 
+    import sys
+
+    from ..train.trainer import BF16_NOTE, emulated_bf16
+
     model, tok = load_for_inference(args)
+    if args.dtype == "bfloat16" and emulated_bf16(next(model.parameters()).device):
+        print(BF16_NOTE.format(what="evaluation in bfloat16"), file=sys.stderr)
     data = TokenData(args.data)
     data.check_tokenizer(tok)
     loss, n = split_loss(model, data, args.split, args.batch_size, args.max_tokens, progress=show_progress(args))

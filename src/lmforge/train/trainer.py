@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import platform
 import signal
 import sys
 import time
@@ -38,6 +39,20 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LMForgeError("device cuda requested but no CUDA GPU is available; use --set device=cpu")
     return device
+
+
+def emulated_bf16(device: torch.device) -> bool:
+    """True on an x86 CPU without bf16 instructions (avx512_bf16 or AMX): there every bf16
+    product converts to float32 and back, so bf16 math runs slower than float32 itself."""
+    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64") or has_bf16 is None:
+        return False  # a GPU, an ARM CPU, or a torch that cannot tell: no claim
+    return not (has_bf16() or (has_amx is not None and has_amx()))
+
+
+BF16_NOTE = ("note: this CPU has no bf16 instructions (avx512_bf16 or AMX), so bfloat16 is emulated; "
+             "{what} ran at a third to half of float32's speed on such CPUs (docs/benchmarks.md)")
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -72,6 +87,8 @@ class Trainer:
         if cfg.fsdp and self.world_size == 1:
             print("note: fsdp=true shards over torchrun's processes; in one process it changes nothing",
                   file=sys.stderr)
+        if cfg.dtype == "bfloat16" and self.rank == 0 and emulated_bf16(self.device):
+            print(BF16_NOTE.format(what="training with bf16 autocast"), file=sys.stderr)
         train_module = distributed.wrap(model, self.device, cfg.fsdp)  # DDP (or FSDP) when distributed
         self.sharded = distributed.is_sharded(model)  # FSDP shards `model` in place
         self.forward = torch.compile(train_module) if cfg.compile else train_module
