@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 
 def register(sub) -> None:
@@ -27,8 +28,6 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import split_loss
     from .common import show_progress
     from .sample import load_for_inference
-
-    import sys
 
     from ..train.trainer import BF16_NOTE, emulated_bf16
 
