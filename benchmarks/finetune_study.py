@@ -229,7 +229,7 @@ def main() -> None:
     import torch
 
     import lmforge
-    from lmforge.adapters import merge_adapter_into_run
+    from lmforge.checkpoint import merge_adapter_into_run
     from lmforge.data import TokenData
     from lmforge.evaluate import split_loss
 

@@ -103,3 +103,51 @@ def test_bf16_layout_is_chosen_once_per_shape(model):
             if type(m) is torch.nn.Linear:  # not packed: then stored (in, out)
                 assert m.weight.t().is_contiguous(), name
     assert kinds and all(len(k) == 1 for k in kinds.values())  # the same layers get the same layout
+
+
+def _laid_out(model) -> bool:
+    w = model.blocks[0].attn.qkv.weight
+    return w.t().is_contiguous() and not w.is_contiguous()
+
+
+def test_load_gives_the_fast_layout_with_the_plain_results(model, tmp_path):
+    from lmforge import CharTokenizer, load
+    from lmforge.checkpoint import save_run
+
+    tok = CharTokenizer.train("".join(chr(32 + i) for i in range(95)))
+    save_run(tmp_path / "run", model, tok)
+    fast, _ = load(tmp_path / "run")
+    plain, _ = load(tmp_path / "run", inference=False)
+    assert _laid_out(fast) and not _laid_out(plain)
+    assert not fast.training and not plain.training
+    idx = torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(idx), plain(idx), atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast.generate(idx, 20, temperature=0.0), plain.generate(idx, 20, temperature=0.0))
+
+
+def test_generate_in_eval_mode_lays_out_and_the_model_still_trains(model):
+    ref = copy.deepcopy(model)
+    train_mode = copy.deepcopy(model).train()
+    idx = torch.randint(0, 97, (1, 5))
+    train_mode.generate(idx, 3, temperature=0.0)
+    assert not _laid_out(train_mode) and train_mode.training  # training mode: left as it is
+    model.generate(idx, 3, temperature=0.0)
+    assert _laid_out(model) and model.lm_head.weight is model.tok_emb.weight
+    # three AdamW steps on the laid-out model equal three on an untouched copy
+    x = torch.randint(0, 97, (4, 17))
+    losses = {}
+    for name, m in (("laid out", model), ("plain", ref)):
+        m.train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        losses[name] = []
+        for _ in range(3):
+            _, loss = m(x[:, :-1], targets=x[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    assert losses["laid out"][-1] < losses["laid out"][0]
+    torch.testing.assert_close(torch.tensor(losses["laid out"]), torch.tensor(losses["plain"]), atol=1e-5, rtol=0)
+    for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=n)

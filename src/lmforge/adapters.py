@@ -150,27 +150,3 @@ def load_adapter_weights(model: torch.nn.Module, adapter_dir: str | Path) -> Non
         for name, layer in lora_layers(model).items():
             layer.lora_A.copy_(state[f"{name}.lora_A"])
             layer.lora_B.copy_(state[f"{name}.lora_B"])
-
-
-def merge_adapter_into_run(base_run: str | Path, adapter: str | Path, out_dir: str | Path) -> Path:
-    """base run + adapter -> a plain run directory with W + scaling * B A in every adapted
-    layer (`lmforge merge`). Its config.json lists the adapter's fingerprint under
-    `merged_adapters`, so applying the same adapter to it again is refused."""
-    from .checkpoint import load_run, read_run_config, save_run
-    from .nn.lora import merge_lora
-
-    base_run, out_dir = Path(base_run), Path(out_dir)
-    if out_dir.resolve() == base_run.resolve():
-        raise LMForgeError("--out must differ from --base: merging must not overwrite the base run")
-    if (out_dir / "config.json").exists():
-        raise LMForgeError(f"{out_dir} already holds a run; choose another --out")
-    base_cfg = read_run_config(base_run)
-    adapter_dir, _ = read_adapter_config(adapter)
-    model, tokenizer = load_run(base_run, adapter=adapter_dir)
-    merge_lora(model, unload=True)
-    extra = {k: base_cfg[k] for k in ("preset", "data") if k in base_cfg}
-    extra["merged_adapters"] = [*base_cfg.get("merged_adapters", []),
-                                adapter_fingerprint(adapter_dir / ADAPTER_WEIGHTS)]
-    extra["merged_from"] = {"base_run": str(base_run.resolve()), "adapter": str(adapter_dir.resolve())}
-    save_run(out_dir, model, tokenizer, extra)
-    return out_dir

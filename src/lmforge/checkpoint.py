@@ -13,9 +13,12 @@ import torch
 
 from safetensors.torch import load_file, save_file
 
+from .adapters import ADAPTER_WEIGHTS, adapter_fingerprint, load_adapter, read_adapter_config
 from .errors import LMForgeError
 from .fileio import atomic_path, read_json, write_json
 from .models import build_model
+from .models.decoding import prepare_for_decoding
+from .nn.lora import merge_lora
 from .tokenizers import load_tokenizer
 
 RUN_FORMAT = "lmforge-run"
@@ -96,20 +99,49 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
 
 
 def load_run(run_dir: str | Path, adapter: str | Path | None = None,
-             device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+             device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+             inference: bool = True):
     """Rebuild the model and tokenizer saved in a run directory, optionally with a LoRA
-    adapter applied (not merged). Returns (model, tokenizer); the model is in eval mode."""
+    adapter applied (not merged). Returns (model, tokenizer); the model is in eval mode.
+
+    inference=True (the default): the weights are laid out for fast token-by-token decoding
+    (`models.decoding.prepare_for_decoding`): the same values in another storage order, so
+    outputs agree with the plain layout to float rounding. In float32 (and on a GPU) the
+    model still trains; in bf16 on a CPU, layers may be packed for oneDNN, which makes it
+    inference-only. inference=False: plain nn.Linear storage, for fine-tuning, merging and
+    export."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     model = build_model(cfg["model"], cfg["model_config"])
     load_weights(run_dir / "model.safetensors", model)
     if adapter is not None:
-        from .adapters import load_adapter
-
         load_adapter(model, adapter, base_config=cfg)
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     model.to(device=device)
-    if dtype is not None:
+    if inference:
+        prepare_for_decoding(model, dtype=dtype)
+    elif dtype is not None:
         model.to(dtype=dtype)
     model.eval()
     return model, tokenizer
+
+
+def merge_adapter_into_run(base_run: str | Path, adapter: str | Path, out_dir: str | Path) -> Path:
+    """base run + adapter -> a plain run directory with W + scaling * B A in every adapted
+    layer (`lmforge merge`). Its config.json lists the adapter's fingerprint under
+    `merged_adapters`, so applying the same adapter to it again is refused."""
+    base_run, out_dir = Path(base_run), Path(out_dir)
+    if out_dir.resolve() == base_run.resolve():
+        raise LMForgeError("--out must differ from --base: merging must not overwrite the base run")
+    if (out_dir / "config.json").exists():
+        raise LMForgeError(f"{out_dir} already holds a run; choose another --out")
+    base_cfg = read_run_config(base_run)
+    adapter_dir, _ = read_adapter_config(adapter)
+    model, tokenizer = load_run(base_run, adapter=adapter_dir, inference=False)
+    merge_lora(model, unload=True)
+    extra = {k: base_cfg[k] for k in ("preset", "data") if k in base_cfg}
+    extra["merged_adapters"] = [*base_cfg.get("merged_adapters", []),
+                                adapter_fingerprint(adapter_dir / ADAPTER_WEIGHTS)]
+    extra["merged_from"] = {"base_run": str(base_run.resolve()), "adapter": str(adapter_dir.resolve())}
+    save_run(out_dir, model, tokenizer, extra)
+    return out_dir

@@ -17,7 +17,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..adapters import merge_adapter_into_run
+    from ..checkpoint import merge_adapter_into_run
 
     out = merge_adapter_into_run(args.base, args.adapter, args.out)
     print(f"merged {args.adapter} into {args.base}: wrote {out} (use it with `lmforge sample --run {out}`)")

@@ -34,8 +34,8 @@ def load_for_inference(args: argparse.Namespace):
     if int8 and device.type != "cpu":
         raise LMForgeError("--int8 runs on the CPU only (its kernel is a CPU one); drop it or use --device cpu")
     adapter = getattr(args, "adapter", None)
-    model, tok = load(args.run, adapter=adapter, device=device, dtype=dtype)
-    return prepare_for_decoding(model, int8=int8), tok
+    model, tok = load(args.run, adapter=adapter, device=device, dtype=dtype, inference=not int8)
+    return (prepare_for_decoding(model, int8=True) if int8 else model), tok
 
 
 def run(args: argparse.Namespace) -> int:

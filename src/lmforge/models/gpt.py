@@ -158,8 +158,14 @@ class GPT(nn.Module):
                  generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
         """Continue each row of idx (B, T); returns (B, T + max_new_tokens). Temperature 0 is
         greedy. Uses a KV cache; once the context is longer than block_size, keeps the last
-        block_size tokens."""
-        from .decoding import generate_ids
+        block_size tokens.
 
+        Called in eval mode, it first stores each linear weight (in, out)-contiguous, the
+        layout a batch-1 product reads fastest (`prepare_for_decoding(packed=False)`; once):
+        the same Parameters and values, so the model still trains and saves as before."""
+        from .decoding import generate_ids, prepare_for_decoding
+
+        if not self.training:
+            prepare_for_decoding(self, packed=False)  # a no-op once the weights are laid out
         return generate_ids(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, generator=generator, **kwargs)
