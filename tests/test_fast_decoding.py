@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge import GPT, GPTConfig
-from lmforge.models.decoding import Int8Linear, PackedLinear, can_pack, prepare_for_decoding
+from lmforge.models.decoding import Int4Linear, Int8Linear, PackedLinear, can_pack, prepare_for_decoding
 
 TINY = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=64)
 LLAMA = dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False)
@@ -151,3 +151,36 @@ def test_generate_in_eval_mode_lays_out_and_the_model_still_trains(model):
     torch.testing.assert_close(torch.tensor(losses["laid out"]), torch.tensor(losses["plain"]), atol=1e-5, rtol=0)
     for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=n)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_linear_is_the_groupwise_dequantised_product(group):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 40)  # 40 rows: padded to 48 inside, sliced back
+    q = Int4Linear(lin, group)
+    # the formula, written independently: per group of `group` inputs, 16 levels from min to max
+    w = lin.weight.detach().reshape(40, 256 // group, group)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    step = (hi - lo) / 15
+    deq = (lo + ((w - lo) / step).round() * step).reshape(40, 256)
+    assert (deq - lin.weight).abs().max() <= step.max() / 2 + 1e-6
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        y = q(x)
+    assert y.shape == (5, 40) and y.dtype == torch.float32
+    ref = x @ deq.t() + lin.bias
+    # activations, scales and zeros go through the kernel in bf16
+    torch.testing.assert_close(y, ref, atol=2e-2 * ref.abs().max().item(), rtol=0)
+
+
+def test_int4_model_stays_close_and_keeps_odd_widths_in_int8(model):
+    idx = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        ref = model(idx)
+        q = prepare_for_decoding(copy.deepcopy(model), int4=True, group_size=32)
+        out = q(idx)
+    assert isinstance(q.blocks[0].attn.qkv, Int4Linear) and isinstance(q.lm_head, Int4Linear)
+    assert (out - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+    assert q.generate(idx, 5, temperature=0.0).shape == (1, 13)
+    odd = prepare_for_decoding(torch.nn.Sequential(torch.nn.Linear(48, 16)), int4=True, group_size=32)
+    assert isinstance(odd[0], Int8Linear)  # 48 inputs are not whole groups of 32

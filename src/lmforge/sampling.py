@@ -21,6 +21,15 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def probabilities(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """logits: (B, V) -> the distribution `sample_next` draws from (B, V), float32. At
+    temperature 0 it is one-hot on the greedy token."""
+    if temperature <= 0:
+        return torch.nn.functional.one_hot(logits.max(dim=-1).indices, logits.size(-1)).float()
+    return torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits: (B, V) -> token ids (B,). Temperature 0 means greedy (argmax); higher

@@ -30,6 +30,9 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true",
                    help="CPU: store the linear layers' weights as int8, one scale per row (a quarter "
                         "of fp32's bytes; the fastest batch-1 decoding here; outputs shift slightly)")
+    p.add_argument("--int4", action="store_true",
+                   help="CPU: store the linear layers' weights as int4 with a scale and offset per "
+                        "64 inputs (an eighth of fp32's bytes; outputs shift more than with --int8)")
 
 
 def device_and_dtype(args: argparse.Namespace):

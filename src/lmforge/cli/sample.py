@@ -30,12 +30,15 @@ def load_for_inference(args: argparse.Namespace):
     from .common import device_and_dtype
 
     device, dtype = device_and_dtype(args)
-    int8 = getattr(args, "int8", False)
-    if int8 and device.type != "cpu":
-        raise LMForgeError("--int8 runs on the CPU only (its kernel is a CPU one); drop it or use --device cpu")
+    int8, int4 = getattr(args, "int8", False), getattr(args, "int4", False)
+    if int8 and int4:
+        raise LMForgeError("--int8 and --int4 exclude each other; choose one")
+    if (int8 or int4) and device.type != "cpu":
+        raise LMForgeError(f"--int{8 if int8 else 4} runs on the CPU only (its kernel is a CPU one); "
+                           "drop it or use --device cpu")
     adapter = getattr(args, "adapter", None)
-    model, tok = load(args.run, adapter=adapter, device=device, dtype=dtype, inference=not int8)
-    return (prepare_for_decoding(model, int8=True) if int8 else model), tok
+    model, tok = load(args.run, adapter=adapter, device=device, dtype=dtype, inference=not (int8 or int4))
+    return (prepare_for_decoding(model, int8=int8, int4=int4) if int8 or int4 else model), tok
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sampling import sample_next
+from .quantize import Int4Linear, Int8Linear
 
 
 @torch.no_grad()
@@ -97,31 +98,6 @@ class PackedLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-class Int8Linear(nn.Module):
-    """Weight-only int8 quantisation: each output row is stored as int8 with one scale
-    (max |w| / 127), a quarter of fp32's bytes; activations stay in float."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        w = linear.weight.detach().float()  # (out, in)
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8).contiguous())
-        self.register_buffer("scale", scale)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)  # (N, in)
-        # The CPU kernel is vectorised for bf16 activations only: with fp32 ones it is ~10x
-        # slower (2304 x 768: 62 vs 766 us). Rounding the activations to bf16 costs less
-        # precision than the int8 weights already do.
-        kind = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
-        y = torch.ops.aten._weight_int8pack_mm(flat.to(kind), self.qweight, self.scale.to(kind)).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
-
-
 def _seconds(f, reps: int = 5) -> float:
     f()  # warm-up: first-call allocations, oneDNN primitive creation
     best = float("inf")
@@ -145,7 +121,7 @@ def packing_is_faster(weight: torch.Tensor, margin: float = 1.1) -> bool:
 
 @torch.no_grad()
 def prepare_for_decoding(model: nn.Module, dtype: torch.dtype | None = None, int8: bool = False,
-                         packed: bool | None = None) -> nn.Module:
+                         packed: bool | None = None, int4: bool = False, group_size: int = 64) -> nn.Module:
     """Re-lay a model's weights for fast token-by-token inference, in place; returns it in eval
     mode. For inference only; outputs are unchanged up to float rounding.
     - dtype: e.g. torch.bfloat16 halves the bytes read per token; on a CPU each plain nn.Linear
@@ -154,7 +130,11 @@ def prepare_for_decoding(model: nn.Module, dtype: torch.dtype | None = None, int
       (`packed=True` / `False` decides without timing, e.g. for a reproducible choice);
     - fp32: every plain nn.Linear stores its weight transposed ((in, out) contiguous; `weight`
       stays the usual (out, in) tensor as a view, so names, tying and state_dict are unchanged);
-    - int8: replace each plain nn.Linear by an Int8Linear (weight-only quantisation)."""
+    - int8: replace each plain nn.Linear by an Int8Linear (weight-only quantisation);
+    - int4: by an Int4Linear (group-wise scales, `group_size` inputs per group; CPU), or by an
+      Int8Linear where its input width is not a multiple of group_size."""
+    if int8 and int4:
+        raise ValueError("choose int8 or int4, not both")
     if dtype is not None:
         model.to(dtype=dtype)
     faster_packed: dict[tuple, bool] = {}  # timed once per weight shape
@@ -171,7 +151,9 @@ def prepare_for_decoding(model: nn.Module, dtype: torch.dtype | None = None, int
             if type(child) is not nn.Linear:  # leave LoRA layers and other subclasses alone
                 continue
             w = child.weight
-            if int8:
+            if int4 and child.in_features % group_size == 0:
+                setattr(parent, name, Int4Linear(child, group_size))
+            elif int8 or int4:
                 setattr(parent, name, Int8Linear(child))
             elif pack(w):
                 setattr(parent, name, PackedLinear(child))
