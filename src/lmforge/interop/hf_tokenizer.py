@@ -8,15 +8,16 @@ themselves, the other 68 bytes borrow the characters from U+0100 on, so a space 
     merges.txt     "#version: 0.2" then one merge per line, highest priority first: "Ġ t"
     tokenizer.json the same model for the `tokenizers` library, plus the pre-tokenizer
 
-lmforge's BPE needs id = rank: ids 0..255 are the single bytes (in any order, GPT-2's is the
-table's order) and merge k makes id 256 + k. GPT-2's files satisfy this, so an imported GPT-2
-tokenizer keeps GPT-2's ids; a vocabulary numbered some other way is refused.
+lmforge's BPETokenizer needs id = rank: ids 0..255 are the single bytes (in any order, GPT-2's
+is the table's order) and merge k makes id 256 + k. GPT-2's files satisfy this, so an imported
+GPT-2 tokenizer stays a BPETokenizer with GPT-2's ids. Any other BPE tokenizer.json (Llama 3,
+Qwen, SentencePiece-style Llama 2 / Mistral / Gemma, `tokenizers`-trained files) becomes an
+HFBPETokenizer, which keeps the file's ids (`hf_tokenizer_files` reads and writes those).
 """
 
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -24,48 +25,13 @@ import regex
 
 from ..errors import LMForgeError
 from ..fileio import atomic_open, read_json, write_json
-from ..tokenizers import EOT, PATTERNS, BPETokenizer, Tokenizer
+from ..tokenizers import EOT, PATTERNS, BPETokenizer, HFBPETokenizer, Tokenizer
+from ..tokenizers.byte_table import bytes_to_unicode, str_to_token, token_to_str, unicode_to_bytes
+
+__all__ = ["read_hf_tokenizer", "write_hf_tokenizer", "bytes_to_unicode", "unicode_to_bytes",
+           "str_to_token", "token_to_str"]
 
 MERGES_HEADER = "#version: 0.2"
-
-
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's table byte -> printable character. Bytes that print (and are not a space)
-    keep their own character; the rest get 256, 257, ... in byte order.
-
-    >>> bytes_to_unicode()[ord("A")], bytes_to_unicode()[ord(" ")], bytes_to_unicode()[ord("\\n")]
-    ('A', 'Ġ', 'Ċ')
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-@lru_cache(maxsize=1)
-def unicode_to_bytes() -> dict[str, int]:
-    return {c: b for b, c in bytes_to_unicode().items()}
-
-
-def token_to_str(token: bytes) -> str:
-    """b" world" -> "Ġworld"."""
-    table = bytes_to_unicode()
-    return "".join(table[b] for b in token)
-
-
-def str_to_token(text: str) -> bytes:
-    """"Ġworld" -> b" world"; a character outside the table is not byte-level BPE."""
-    table = unicode_to_bytes()
-    try:
-        return bytes(table[c] for c in text)
-    except KeyError as e:
-        raise LMForgeError(f"token {text!r} has the character {e.args[0]!r}, which is not in GPT-2's "
-                           "byte table; this is not a byte-level BPE vocabulary") from None
 
 
 # --- split patterns ---------------------------------------------------------------------------
@@ -137,14 +103,68 @@ def _find(directory: Path, *names: str) -> Path | None:
     return next((directory / n for n in names if (directory / n).is_file()), None)
 
 
-def read_hf_tokenizer(directory: str | Path) -> BPETokenizer:
-    """Read tokenizer.json if there is one (it carries the pre-tokenizer and added tokens),
+def read_config(directory: Path) -> dict[str, Any]:
+    """tokenizer_config.json over special_tokens_map.json: the special token strings and the
+    add_bos_token / add_eos_token flags (the rest, such as a chat template, is not read here)."""
+    config: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = directory / name
+        if path.is_file():
+            d = read_json(path, name)
+            if isinstance(d, dict):
+                config.update({k: d[k] for k in (*HF_TOKEN_KEYS, "add_bos_token", "add_eos_token") if k in d})
+    return config
+
+
+HF_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _token_name(value: Any) -> str | None:
+    """A config's special token: a string or an AddedToken object {"content": ...}."""
+    value = value.get("content") if isinstance(value, dict) else value
+    return value if isinstance(value, str) else None
+
+
+def gpt2_numbered(vocab: dict[str, int], merges: list[tuple[str, str]]) -> bool:
+    """Whether the vocabulary is numbered as lmforge's BPETokenizer numbers it (bytes 0..255,
+    merge k -> id 256 + k), as GPT-2's files are."""
+    table = unicode_to_bytes()
+    if sorted(i for t, i in vocab.items() if len(t) == 1 and t in table) != list(range(256)):
+        return False
+    return all(vocab.get(a + b) == 256 + k for k, (a, b) in enumerate(merges))
+
+
+def _plain_gpt2_file(d: dict[str, Any], config: dict[str, Any]) -> bool:
+    """A tokenizer.json that BPETokenizer runs exactly: GPT-2 numbering, no normalizer, plain
+    special tokens, no BOS added, <|endoftext|> (or nothing) as the config's tokens."""
+    model = d.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE" or d.get("normalizer") is not None:
+        return False
+    if not isinstance(model.get("vocab"), dict):
+        return False
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    added = [t for t in d.get("added_tokens", []) if isinstance(t, dict)]
+    plain = all(t.get("special") and not (t.get("lstrip") or t.get("rstrip") or t.get("single_word")) for t in added)
+    names = {_token_name(config.get(k)) for k in HF_TOKEN_KEYS} - {None}
+    no_bos = not config.get("add_bos_token") and not config.get("add_eos_token") and \
+        (d.get("post_processor") or {}).get("type") in (None, "ByteLevel")
+    return plain and no_bos and names <= {EOT} and (d.get("decoder") or {}).get("type") == "ByteLevel" \
+        and not model.get("ignore_merges") and gpt2_numbered(model["vocab"], merges)
+
+
+def read_hf_tokenizer(directory: str | Path) -> Tokenizer:
+    """Read tokenizer.json (+ tokenizer_config.json / special_tokens_map.json) if there is one,
     else vocab.json + merges.txt (also under OpenAI's names encoder.json + vocab.bpe), which
-    imply GPT-2's split pattern."""
+    imply GPT-2's split pattern. GPT-2-numbered plain files give a BPETokenizer, any other BPE
+    file an HFBPETokenizer with the file's ids."""
     directory = Path(directory)
+    config = read_config(directory)
     tokenizer_json = _find(directory, "tokenizer.json")
     if tokenizer_json is not None:
-        return tokenizer_from_tokenizer_json(read_json(tokenizer_json, "tokenizer.json"), tokenizer_json)
+        d = read_json(tokenizer_json, "tokenizer.json")
+        if isinstance(d, dict) and _plain_gpt2_file(d, config):
+            return tokenizer_from_tokenizer_json(d, tokenizer_json)
+        return _hf_bpe(d, config, tokenizer_json)
     vocab_path = _find(directory, "vocab.json", "encoder.json")
     merges_path = _find(directory, "merges.txt", "vocab.bpe")
     if vocab_path is None or merges_path is None:
@@ -156,7 +176,26 @@ def read_hf_tokenizer(directory: str | Path) -> BPETokenizer:
     added = _find(directory, "added_tokens.json")
     if added is not None:
         specials = read_json(added, "added_tokens.json")
-    return tokenizer_from_vocab(vocab, _read_merges_txt(merges_path), "gpt2", specials)
+    merges = _read_merges_txt(merges_path)
+    if gpt2_numbered(vocab, merges):
+        return tokenizer_from_vocab(vocab, merges, "gpt2", specials)
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    # entries no merge makes (GPT-2's <|endoftext|>) are special tokens, as in the GPT-2 case
+    made = {a + b for a, b in merges}
+    specials.update({t: i for t, i in vocab.items() if len(t) > 1 and t not in made})
+    added_tokens = [{"id": i, "content": t, "special": True} for t, i in specials.items()]
+    d = {"added_tokens": added_tokens, "normalizer": None, "pre_tokenizer": byte_level, "decoder": byte_level,
+         "post_processor": None, "model": {"type": "BPE", "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]}}
+    return _hf_bpe(d, config, vocab_path)
+
+
+def _hf_bpe(d: Any, config: dict[str, Any], where: Path) -> HFBPETokenizer:
+    if not isinstance(d, dict):
+        raise LMForgeError(f"{where}: not a tokenizer.json object")
+    try:
+        return HFBPETokenizer(d, config)
+    except LMForgeError as e:
+        raise LMForgeError(f"{where}: {e}") from None
 
 
 def _pattern_from_pre_tokenizer(pre: Any, where: Path) -> str:
@@ -230,14 +269,16 @@ def tokenizer_json(tok: BPETokenizer) -> dict[str, Any]:
 
 
 def write_hf_tokenizer(tok: Tokenizer, directory: str | Path, model_max_length: int | None = None) -> None:
-    """Write vocab.json, merges.txt, tokenizer.json, tokenizer_config.json and
-    special_tokens_map.json, which `AutoTokenizer.from_pretrained(directory)` loads.
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (plus vocab.json
+    and merges.txt for a BPETokenizer), which `AutoTokenizer.from_pretrained(directory)` loads.
 
     transformers' GPT2Tokenizer always splits with GPT-2's regex, so tokenizer_config.json
     names it only for a "gpt2"-pattern tokenizer; any other pattern is declared as the generic
     PreTrainedTokenizerFast, which runs tokenizer.json as written."""
+    if isinstance(tok, HFBPETokenizer):
+        return _write_hf_bpe(tok, Path(directory), model_max_length)
     if not isinstance(tok, BPETokenizer):
-        raise LMForgeError(f"a {tok.kind!r} tokenizer has no Hugging Face GPT-2 form; only byte-level BPE exports")
+        raise LMForgeError(f"a {tok.kind!r} tokenizer has no Hugging Face form; only byte-level BPE and SentencePiece-style BPE export")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / "vocab.json", hf_vocab(tok))
@@ -257,3 +298,27 @@ def write_hf_tokenizer(tok: Tokenizer, directory: str | Path, model_max_length: 
         config["model_max_length"] = model_max_length
     write_json(directory / "tokenizer_config.json", config)
     write_json(directory / "special_tokens_map.json", {k: v for k, v in specials.items() if v})
+
+
+def _write_hf_bpe(tok: HFBPETokenizer, directory: Path, model_max_length: int | None) -> None:
+    """The file's own tokenizer.json back, and a config naming its special tokens. Where the
+    config asked for BOS and the file has no post-processor, a TemplateProcessing one is added
+    so that every loader prepends it."""
+    d = dict(tok.tokenizer_json)
+    if tok.add_bos and d.get("post_processor") is None:
+        bos = {"SpecialToken": {"id": tok.bos_token, "type_id": 0}}
+        d["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {tok.bos_token: {"id": tok.bos_token, "ids": [tok.bos_id], "tokens": [tok.bos_token]}}}
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_open(directory / "tokenizer.json") as f:
+        json.dump(d, f, ensure_ascii=False)
+    specials = {k: getattr(tok, k) for k in HF_TOKEN_KEYS if getattr(tok, k) is not None}
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                              "add_bos_token": tok.add_bos, "add_eos_token": False, **specials}
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    write_json(directory / "tokenizer_config.json", config)
+    write_json(directory / "special_tokens_map.json", specials)

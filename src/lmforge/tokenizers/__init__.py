@@ -6,8 +6,11 @@
     tok = load_tokenizer("tok.json")          # any kind, dispatched on the file's "kind"
     ids = tok.encode("To be, or not to be")   # list[int]; tok.decode(ids) gives the text back
 
-Every tokenizer has `kind`, `vocab_size`, `eot_id` (id of <|endoftext|> or None), `encode`,
-`encode_batch`, `decode`, `to_dict`, `save`, `load`.
+Every tokenizer has `kind`, `vocab_size`, `eot_id` (id of <|endoftext|> / EOS or None), `encode`
+(never adds BOS/EOS), `encode_batch`, `decode(ids, skip_special_tokens=False)`, `to_dict`, `save`,
+`load`, and for chat templates and generation `bos_id`, `eos_id`, `add_bos`, `special_tokens`,
+`token_to_id`, `id_to_token`, `bos_token`, `eos_token`, `unk_token`, `pad_token`.
+`HFBPETokenizer` holds a Hugging Face tokenizer.json BPE (byte-level or SentencePiece-style).
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from typing import Any
 from .base import EOT, Tokenizer
 from .bpe import PATTERNS, BPETokenizer
 from .char import CharTokenizer
+from .hf_bpe import HFBPETokenizer
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load any lmforge tokenizer file (BPE or char)."""
+    """Load any lmforge tokenizer file (bpe, char or hf-bpe)."""
     return Tokenizer.load(path)
 
 
@@ -31,5 +35,5 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
 
 
 __all__ = [
-    "Tokenizer", "CharTokenizer", "BPETokenizer", "load_tokenizer", "tokenizer_from_dict", "PATTERNS", "EOT",
+    "Tokenizer", "CharTokenizer", "BPETokenizer", "HFBPETokenizer", "load_tokenizer", "tokenizer_from_dict", "PATTERNS", "EOT",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
+from types import MappingProxyType
 from typing import Any, ClassVar, Literal, TypeVar, Union
 
 import numpy as np
@@ -55,10 +56,48 @@ class Tokenizer:
         return None
 
     def encode(self, text: str, allowed_special: AllowedSpecial = "all") -> list[int]:
+        """Text -> ids. Never adds BOS/EOS itself (see `add_bos`)."""
         raise NotImplementedError
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Ids -> text. Special tokens are kept by default (as transformers' decode does), so
+        decode(encode(text)) gives the text back; skip_special_tokens=True drops them."""
         raise NotImplementedError
+
+    # --- what chat templates, model import and generation read (defaults for simple kinds) ---
+    special_tokens: dict[str, int] = MappingProxyType({})  # type: ignore[assignment]  # text -> id
+    add_bos = False  # whether a Hugging Face pipeline prepends BOS to a single sequence
+
+    @property
+    def bos_id(self) -> int | None:
+        return None
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.eot_id
+
+    def token_to_id(self, text: str) -> int | None:
+        """A token's text (special tokens by name) -> its id, or None."""
+        return self.special_tokens.get(text)
+
+    def id_to_token(self, i: int) -> str | None:
+        return next((t for t, j in self.special_tokens.items() if j == i), None)
+
+    @property
+    def bos_token(self) -> str | None:
+        return None if self.bos_id is None else self.id_to_token(self.bos_id)
+
+    @property
+    def eos_token(self) -> str | None:
+        return None if self.eos_id is None else self.id_to_token(self.eos_id)
+
+    @property
+    def unk_token(self) -> str | None:
+        return None
+
+    @property
+    def pad_token(self) -> str | None:
+        return None
 
     def _fields(self) -> dict[str, Any]:
         """The kind-specific part of `to_dict`."""

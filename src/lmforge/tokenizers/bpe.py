@@ -24,6 +24,7 @@ import regex
 from ..errors import LMForgeError
 from .base import EOT, AllowedSpecial, Tokenizer, as_id_list
 from .batching import encode_in_processes, gc_paused
+from .byte_table import str_to_token, token_to_str
 from .bpe_train import count_chunks, read_blocks, train_merges
 
 # Pre-tokenization: text is split into chunks with these regexes, and merges never cross a
@@ -313,9 +314,27 @@ class BPETokenizer(Tokenizer):
             last = self.vocab_size - 1
             raise LMForgeError(f"token id {bad!r} is not in the tokenizer's vocabulary (0..{last})") from None
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Ids -> text; bytes that are not valid UTF-8 (a cut-off character) become U+FFFD."""
+        if skip_special_tokens:
+            specials = set(self.special_tokens.values())
+            ids = [i for i in as_id_list(ids) if i not in specials]
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def token_to_id(self, text: str) -> int | None:
+        """Special tokens by name, others in GPT-2's byte-table spelling ("Ġworld")."""
+        if text in self.special_tokens:
+            return self.special_tokens[text]
+        try:
+            return self.ranks.get(str_to_token(text))
+        except LMForgeError:
+            return None
+
+    def id_to_token(self, i: int) -> str | None:
+        token = self._decoder.get(i)
+        if token is None or i in self.special_tokens.values():
+            return super().id_to_token(i)
+        return token_to_str(token)
 
     # --- saving ----------------------------------------------------------------------------
     def _fields(self) -> dict[str, Any]:

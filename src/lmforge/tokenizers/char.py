@@ -58,7 +58,13 @@ class CharTokenizer(Tokenizer):
                 "other text; retrain it on text that contains this character"
             ) from None
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def token_to_id(self, text: str) -> int | None:
+        return self._id_of.get(text)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.chars[i] if type(i) is int and 0 <= i < len(self.chars) else None
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         chars, n = self.chars, len(self.chars)
         ids = as_id_list(ids)
         for i in ids:
