@@ -192,7 +192,7 @@ def _hf_dir(tmp_path, **overrides):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"model_type": "llama"}, "'llama' model, not GPT-2"),
+    ({"model_type": "mixtral"}, "model_type 'mixtral' is not supported; import-hf reads gpt2, llama"),
     ({"activation_function": "relu"}, "activation_function 'relu'"),
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     ({"n_layer": 3}, "lacks"),

@@ -1,61 +1,90 @@
-"""lmforge LoRA adapters <-> PEFT's LoRA format, for GPT-2 models.
+"""lmforge LoRA adapters <-> PEFT's LoRA format, for every family in `hf_families`.
 
     PEFT:    adapter_config.json      {"peft_type": "LORA", "r", "lora_alpha", "target_modules", ...}
-             adapter_model.safetensors base_model.model.transformer.h.0.attn.c_attn.lora_A.weight ...
+             adapter_model.safetensors base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight ...
     lmforge: adapter_config.json      {"format": "lmforge-adapter", "r", "alpha", "targets", ...}
              adapter.safetensors       blocks.0.attn.qkv.lora_A ...
 
-Both compute W x + (alpha / r) B A x with A (r, in) and B (out, r). GPT-2's Conv1D stores W
-transposed, but PEFT keeps A and B in nn.Linear's orientation for it too (`fan_in_fan_out`
-only says how W is stored), so A and B are copied unchanged; only the names change.
+Both compute W x + s B A x with A (r, in), B (out, r) and s = alpha / r (alpha / sqrt(r) with
+rslora). GPT-2's Conv1D stores W transposed, but PEFT keeps A and B in nn.Linear's
+orientation for it too (`fan_in_fan_out` only says how W is stored), so A and B are copied.
+
+lmforge fuses Q, K, V into one `attn.qkv` (and gate, up into `mlp.fc`); Hugging Face keeps
+them apart. Export is exact: the fused layer's one A serves every part, and B's rows split as
+W's do. Import stacks the parts' A matrices and places each B on its own rows (block
+diagonal): B A is then exactly the sum of the parts' updates, at rank r x (parts adapted).
+Every module then gets that rank (zero-padded) and alpha grows with it, so s stays the same.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from ..checkpoint import load_run, read_run_config
+from ..checkpoint import load_run
 from ..errors import LMForgeError
 from ..fileio import atomic_path, read_json, write_json
-from ..models.gpt import GPTConfig
-from .hf_gpt2 import BLOCK_MODULES
+from ..models.gpt import GPT, GPTConfig
+from .hf_families import GPT2, Family, part_rows
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PeftModel wraps the model twice: PeftModel.base_model.model
-_OURS_TO_HF = {ours: hf for hf, (ours, conv) in BLOCK_MODULES.items() if conv}  # the Linear/Conv1D layers
+LINEAR = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")  # the adaptable layers inside a block
+
+
+def hf_modules(name: str, family: Family = GPT2) -> list[str]:
+    """'blocks.3.attn.qkv' -> ['model.layers.3.self_attn.q_proj', ...k_proj, ...v_proj] (GPT-2:
+    ['transformer.h.3.attn.c_attn']); 'lm_head' stays."""
+    if name == "lm_head":
+        return [name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blocks" and parts[2] in LINEAR:
+        prefix = family.layer_prefix.format(i=parts[1])
+        return [prefix + h.removesuffix(".weight") for h in family.layer[parts[2] + ".weight"]]
+    raise LMForgeError(f"LoRA on {name!r} has no {family.name} counterpart; PEFT export covers "
+                       f"{', '.join(LINEAR)} and lm_head")
 
 
 def hf_module(name: str) -> str:
-    """'blocks.3.attn.qkv' -> 'transformer.h.3.attn.c_attn'; 'lm_head' stays."""
-    if name == "lm_head":
-        return name
-    parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blocks" and parts[2] in _OURS_TO_HF:
-        return f"transformer.h.{parts[1]}.{_OURS_TO_HF[parts[2]]}"
-    raise LMForgeError(f"LoRA on {name!r} has no GPT-2 counterpart; PEFT export covers {sorted(_OURS_TO_HF)} and lm_head")
+    """GPT-2's one module for an lmforge layer: 'blocks.3.attn.qkv' -> 'transformer.h.3.attn.c_attn'."""
+    return hf_modules(name, GPT2)[0]
 
 
-def lmforge_module(name: str) -> str:
-    """'transformer.h.3.attn.c_attn' (or 'h.3.attn.c_attn') -> 'blocks.3.attn.qkv'."""
-    name = name.removeprefix("transformer.")
+def lmforge_module(name: str, family: Family = GPT2) -> tuple[str, int] | str:
+    """'model.layers.3.self_attn.k_proj' -> ('blocks.3.attn.qkv', 1): the lmforge layer and
+    which of its parts. For GPT-2 (one part each) just the name: 'h.3.attn.c_attn' -> 'blocks.3.attn.qkv'."""
+    ours, part = _lmforge_part(name, family)
+    return ours if family is GPT2 else (ours, part)
+
+
+def _lmforge_part(name: str, family: Family) -> tuple[str, int]:
     if name == "lm_head":
-        return name
-    parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "h" and parts[1].isdigit() and parts[2] in BLOCK_MODULES and BLOCK_MODULES[parts[2]][1]:
-        return f"blocks.{parts[1]}.{BLOCK_MODULES[parts[2]][0]}"
-    raise LMForgeError(f"PEFT adapter adapts {name!r}, which lmforge's GPT-2 import does not map "
-                       f"(supported: h.N.{', h.N.'.join(_OURS_TO_HF.values())}, lm_head)")
+        return name, 0
+    if not name.startswith(family.optional_prefix):
+        name = family.optional_prefix + name
+    pattern = re.escape(family.layer_prefix).replace(r"\{i\}", r"(\d+)")
+    m = re.fullmatch(pattern + r"(.+)", name)
+    if m:
+        for kind in LINEAR:
+            hfs = [h.removesuffix(".weight") for h in family.layer[kind + ".weight"]]
+            if m.group(2) in hfs:
+                return f"blocks.{m.group(1)}.{kind}", hfs.index(m.group(2))
+    supported = sorted({h.removesuffix(".weight") for k in LINEAR for h in family.layer[k + ".weight"]})
+    raise LMForgeError(f"PEFT adapter adapts {name!r}, which lmforge's {family.name} import does not map "
+                       f"(supported: {', '.join(supported)} in each layer, and lm_head)")
 
 
 # --- lmforge -> PEFT --------------------------------------------------------------------------
 def _target_modules(hf_names: list[str], n_layer: int) -> list[str]:
-    """Short names ('attn.c_attn') where every layer is adapted, full names otherwise. PEFT
-    matches a target against the end of a module's name at a dot."""
+    """Short names ('self_attn.q_proj') where every layer is adapted, full names otherwise.
+    PEFT matches a target against the end of a module's name at a dot."""
     targets: list[str] = []
     for kind in dict.fromkeys(n.split(".", 3)[-1] for n in hf_names if n != "lm_head"):
         layers = [n for n in hf_names if n.endswith("." + kind)]
@@ -63,7 +92,8 @@ def _target_modules(hf_names: list[str], n_layer: int) -> list[str]:
     return targets + (["lm_head"] if "lm_head" in hf_names else [])
 
 
-def export_peft_adapter(run: str | Path, adapter: str | Path, out: str | Path, base: str | Path) -> Path:
+def export_peft_adapter(run: str | Path, adapter: str | Path, out: str | Path, base: str | Path,
+                        family: Family = GPT2) -> Path:
     """Write the lmforge adapter of `run` in PEFT's format; `base` (the exported Hugging Face
     model directory) becomes base_model_name_or_path, as an absolute path."""
     model, _ = load_run(run, adapter=adapter)  # checks that the adapter belongs to this run
@@ -72,20 +102,24 @@ def export_peft_adapter(run: str | Path, adapter: str | Path, out: str | Path, b
     layers = lora_layers(model)
     embeddings = [n for n, m in layers.items() if isinstance(m, LoRAEmbedding)]
     if embeddings:
-        raise LMForgeError(f"this adapter also adapts the embedding ({embeddings[0]}), which PEFT's GPT-2 export "
+        raise LMForgeError(f"this adapter also adapts the embedding ({embeddings[0]}), which PEFT export "
                            f"here does not cover; `lmforge merge` it and export the merged run instead")
     lora = model.lora_config
     tensors: dict[str, torch.Tensor] = {}
+    hf_names = []
     for name, layer in layers.items():
-        hf = hf_module(name)
-        tensors[f"{PREFIX}{hf}.lora_A.weight"] = layer.lora_A.detach().contiguous()  # (r, in)
-        tensors[f"{PREFIX}{hf}.lora_B.weight"] = layer.lora_B.detach().contiguous()  # (out, r)
-    hf_names = [hf_module(n) for n in layers]
+        hfs = hf_modules(name, family)
+        rows = part_rows(name.split(".", 2)[-1], model.config, len(hfs), layer.lora_B.shape[0])
+        for hf, b in zip(hfs, layer.lora_B.detach().split(rows, dim=0)):  # each part: the one A, its rows of B
+            tensors[f"{PREFIX}{hf}.lora_A.weight"] = layer.lora_A.detach().contiguous()  # (r, in)
+            tensors[f"{PREFIX}{hf}.lora_B.weight"] = b.contiguous()  # (rows, r)
+        hf_names += hfs
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(Path(base).resolve()),
         "r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "use_rslora": lora.rslora,
         "target_modules": _target_modules(hf_names, model.config.n_layer),
-        "fan_in_fan_out": True,  # GPT-2's Conv1D stores W as (in, out); PEFT resets it for lm_head (a Linear)
+        # GPT-2's Conv1D stores W as (in, out); PEFT resets it for lm_head (a Linear)
+        "fan_in_fan_out": family is GPT2,
         "bias": "none", "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
         "inference_mode": True, "revision": None,
@@ -99,8 +133,9 @@ def export_peft_adapter(run: str | Path, adapter: str | Path, out: str | Path, b
 
 
 # --- PEFT -> lmforge --------------------------------------------------------------------------
-def read_peft_adapter(path: str | Path, cfg: GPTConfig) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Read and check a PEFT LoRA directory for a GPT-2 of config `cfg`. Returns the LoRA
+def read_peft_adapter(path: str | Path, cfg: GPTConfig, family: Family = GPT2
+                      ) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Read and check a PEFT LoRA directory for a model of config `cfg`. Returns the LoRA
     settings (r, alpha, dropout, rslora) and {lmforge module: (A (r, in), B (out, r))}."""
     path = Path(path)
     if not path.is_dir():
@@ -129,53 +164,70 @@ def read_peft_adapter(path: str | Path, cfg: GPTConfig) -> tuple[dict[str, Any],
         state = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
     else:
         raise LMForgeError(f"no adapter weights in {path}: expected {PEFT_WEIGHTS}")
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    pairs: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # lmforge module -> part -> A, B
     for key, t in state.items():
         module, _, rest = key.removeprefix(PREFIX).partition(".lora_")
         part = rest.split(".")[0]
         if part not in ("A", "B") or not rest.endswith("weight"):
             raise LMForgeError(f"{weights}: unexpected tensor {key!r}; only lora_A / lora_B weights import")
-        pairs.setdefault(lmforge_module(module), {})[part] = t.float()
+        ours, k = _lmforge_part(module, family)
+        pairs.setdefault(ours, {}).setdefault(k, {})[part] = t.float()
+    with torch.device("meta"):
+        model = GPT(cfg)
+    rank = r * max(len(p) for p in pairs.values()) if pairs else r
     out = {}
-    for name, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise LMForgeError(f"{weights}: {name} has lora_{'A' if 'B' in ab else 'B'} missing; the adapter is corrupt")
-        d_in, d_out = _linear_shape(name, cfg)
-        if ab["A"].shape != (r, d_in) or ab["B"].shape != (d_out, r):
-            raise LMForgeError(f"{weights}: {name} has A {tuple(ab['A'].shape)} and B {tuple(ab['B'].shape)}, "
-                               f"expected ({r}, {d_in}) and ({d_out}, {r}); it was trained for another model")
-        out[name] = (ab["A"], ab["B"])
+    for name, by_part in pairs.items():
+        layer = _layer(model, name)
+        n_parts = 1 if name == "lm_head" else len(family.layer[name.split(".", 2)[-1] + ".weight"])
+        rows = part_rows(name.split(".", 2)[-1], cfg, n_parts, layer.out_features)
+        A = torch.zeros(rank, layer.in_features)
+        B = torch.zeros(layer.out_features, rank)
+        for j, (k, ab) in enumerate(sorted(by_part.items())):
+            if set(ab) != {"A", "B"}:
+                raise LMForgeError(f"{weights}: {name} has lora_{'A' if 'B' in ab else 'B'} missing; the adapter is corrupt")
+            if ab["A"].shape != (r, layer.in_features) or ab["B"].shape != (rows[k], r):
+                raise LMForgeError(f"{weights}: {name} has A {tuple(ab['A'].shape)} and B {tuple(ab['B'].shape)}, "
+                                   f"expected ({r}, {layer.in_features}) and ({rows[k]}, {r}); it was trained for "
+                                   "another model")
+            A[j * r:(j + 1) * r] = ab["A"]
+            B[sum(rows[:k]):sum(rows[:k + 1]), j * r:(j + 1) * r] = ab["B"]  # its own rows only
+        out[name] = (A, B)
     if not out:
         raise LMForgeError(f"{weights} holds no LoRA tensors")
-    settings = {"r": r, "alpha": float(alpha), "dropout": float(pc.get("lora_dropout", 0.0)),
-                "rslora": bool(pc.get("use_rslora", False))}
+    rslora = bool(pc.get("use_rslora", False))
+    # the same scaling s at the larger rank: alpha / r = alpha' / rank (rslora: over square roots)
+    grow = math.sqrt(rank / r) if rslora else rank / r
+    settings = {"r": rank, "alpha": float(alpha) * grow, "dropout": float(pc.get("lora_dropout", 0.0)),
+                "rslora": rslora}
     return settings, out
 
 
-def _linear_shape(name: str, cfg: GPTConfig) -> tuple[int, int]:
-    """(in, out) of an lmforge GPT-2 linear layer."""
-    if name == "lm_head":
-        return cfg.n_embd, cfg.vocab_size
-    layer, kind = int(name.split(".")[1]), name.split(".", 2)[2]
-    if layer >= cfg.n_layer:
-        raise LMForgeError(f"the adapter adapts layer {layer}, but the model has {cfg.n_layer} layers")
-    return {"attn.qkv": (cfg.n_embd, 3 * cfg.n_embd), "attn.proj": (cfg.n_embd, cfg.n_embd),
-            "mlp.fc": (cfg.n_embd, cfg.mlp_hidden), "mlp.proj": (cfg.mlp_hidden, cfg.n_embd)}[kind]
+def _layer(model: GPT, name: str) -> nn.Linear:
+    layer_idx = int(name.split(".")[1]) if name.startswith("blocks.") else 0
+    if layer_idx >= model.config.n_layer:
+        raise LMForgeError(f"the adapter adapts layer {layer_idx}, but the model has {model.config.n_layer} layers")
+    return model.get_submodule(name)
 
 
-def import_peft_adapter(path: str | Path, run: str | Path, out: str | Path) -> Path:
-    """A PEFT LoRA directory -> an lmforge adapter directory for the (imported) GPT-2 `run`."""
-    from ..adapters import save_adapter
-    from ..nn.lora import apply_lora, lora_layers
+def write_imported_adapter(lora: tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]],
+                           cfg: GPTConfig, run_config: dict[str, Any], out: Path, base_run: Path,
+                           source: str | Path) -> Path:
+    """Write what read_peft_adapter returned as an lmforge adapter directory (the layout
+    `adapters.save_adapter` writes), without loading the base weights."""
+    from ..adapters import ADAPTER_CONFIG, ADAPTER_FORMAT, ADAPTER_WEIGHTS, base_model_description, config_hash
+    from ..nn.lora import LoRAConfig
 
-    run_cfg = read_run_config(run)
-    model, _ = load_run(run)
-    settings, tensors = read_peft_adapter(path, model.config)
-    apply_lora(model, list(tensors), settings["r"], settings["alpha"], settings["dropout"], settings["rslora"])
-    with torch.no_grad():
-        for name, layer in lora_layers(model).items():
-            layer.lora_A.copy_(tensors[name][0])
-            layer.lora_B.copy_(tensors[name][1])
-    return save_adapter(model, out, base_config=run_cfg,
-                        extra={"base_run": str(Path(run).resolve()),
-                               "source": {"format": "peft-lora", "path": str(Path(path).resolve())}})
+    settings, tensors = lora
+    lc = LoRAConfig(r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"],
+                    targets=list(tensors), rslora=settings["rslora"])
+    lc.validate()
+    out.mkdir(parents=True, exist_ok=True)
+    state = {f"{name}.{p}": t.contiguous() for name, (a, b) in tensors.items() for p, t in (("lora_A", a), ("lora_B", b))}
+    with atomic_path(out / ADAPTER_WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": ADAPTER_FORMAT})
+    write_json(out / ADAPTER_CONFIG, {
+        "format": ADAPTER_FORMAT, "version": 1, "base_config_hash": config_hash(run_config),
+        "base_model": base_model_description(run_config), **lc.to_dict(),
+        "base_run": str(Path(base_run).resolve()),
+        "source": {"format": "peft-lora", "path": str(Path(source).resolve())}})
+    return out

@@ -17,6 +17,7 @@ from torch import nn
 from ..nn import MLP, KVCache, LearnedPositions, MultiHeadAttention, RotaryEmbedding, SinusoidalPositions, make_norm
 from ..config import ConfigBase, check_choice
 from ..nn.loss import head_loss
+from ..nn.softcap import softcap
 
 
 @dataclass
@@ -37,34 +38,92 @@ class GPTConfig(ConfigBase):
     n_kv_head: int | None = None  # < n_head for grouped-query attention; None = n_head
     qk_norm: bool = False
     rope_theta: float = 10000.0
+    # --- the switches of today's open-weight families (defaults: off, the models above unchanged)
+    head_dim: int | None = None  # per-head width; None = n_embd // n_head (Qwen3, Gemma 2 differ)
+    mlp_hidden_size: int | None = None  # explicit MLP width; None = mlp_ratio * n_embd, rounded to 8
+    qkv_bias: bool = False  # biases on Q, K, V even when bias=False (Qwen2)
+    qk_norm_eps: float | None = None  # eps of the QK-norms; None = PyTorch's default
+    rope_scaling: str = "none"  # none | llama3 (Llama 3.1's frequency rescaling, the four below)
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192  # the context the model was pretrained with
+    sliding_window: int | None = None  # attend to at most this many positions back (Mistral, Gemma 2)
+    sliding_window_layers: str = "all"  # all | even (Gemma 2: layers 0, 2, 4, ... slide, the others see all)
+    attn_scale: float | None = None  # attention score scale; None = head_dim ** -0.5
+    attn_softcap: float | None = None  # cap attention scores with cap * tanh(s / cap) (Gemma 2)
+    final_softcap: float | None = None  # the same on the output logits (Gemma 2)
+    norm_unit_offset: bool = False  # RMSNorm gain stored as 1 + w (Gemma)
+    embed_scale: bool = False  # token embeddings times sqrt(n_embd) (Gemma)
+    post_norms: bool = False  # also norm each sub-layer's output before the residual add (Gemma 2)
 
     def validate(self) -> None:
         check_choice("pos_encoding", self.pos_encoding, ("learned", "sinusoidal", "rope"))
         check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
-        check_choice("mlp", self.mlp, ("gelu", "swiglu"))
-        self.check_heads(self.n_embd, self.n_head, self.n_kv_head)
+        check_choice("mlp", self.mlp, ("gelu", "swiglu", "geglu"))
+        check_choice("rope_scaling", self.rope_scaling, ("none", "llama3"))
+        check_choice("sliding_window_layers", self.sliding_window_layers, ("all", "even"))
+        if self.head_dim is None:
+            self.check_heads(self.n_embd, self.n_head, self.n_kv_head)
+        else:
+            self.check_heads(self.n_head * self.head_dim, self.n_head, self.n_kv_head)
         self.check_positive("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
-        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
-            self.fail("rope needs an even head size (n_embd / n_head)")
+        for name in ("head_dim", "mlp_hidden_size", "sliding_window", "attn_softcap", "final_softcap"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                self.fail(f"{name} must be positive or None, got {getattr(self, name)}")
+        if self.pos_encoding == "rope" and self.head_size % 2:
+            self.fail(f"rope needs an even head size, got {self.head_size}")
+        if self.norm_unit_offset and self.norm != "rmsnorm":
+            self.fail("norm_unit_offset needs norm=rmsnorm")
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
 
     @property
     def mlp_hidden(self) -> int:
+        if self.mlp_hidden_size is not None:
+            return self.mlp_hidden_size
         return 8 * math.ceil(self.mlp_ratio * self.n_embd / 8)  # rounded up to a multiple of 8
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of block `layer` (None: it sees the whole context)."""
+        if self.sliding_window_layers == "even" and layer % 2:
+            return None
+        return self.sliding_window
+
+    @property
+    def llama3_rope(self) -> tuple[float, float, float, int] | None:
+        if self.rope_scaling != "llama3":
+            return None
+        return (self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                self.rope_original_max_position)
 
 
 class Block(nn.Module):
+    """Pre-norm: x + attn(ln_1(x)), then x + mlp(ln_2(x)). With `post_norms` (Gemma 2's
+    sandwich) each sub-layer's output is normed too before it joins the residual stream."""
+
     def __init__(self, cfg: GPTConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
+        norm = lambda: make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps, cfg.norm_unit_offset)  # noqa: E731
+        self.ln_1 = norm()
         self.attn = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.bias, cfg.dropout,
-                                       causal=True, qk_norm=cfg.qk_norm, layer_idx=layer_idx)
-        self.ln_2 = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
+                                       causal=True, qk_norm=cfg.qk_norm, layer_idx=layer_idx,
+                                       head_dim=cfg.head_dim, qkv_bias=cfg.bias or cfg.qkv_bias,
+                                       qk_norm_eps=cfg.qk_norm_eps, window=cfg.window(layer_idx),
+                                       scale=cfg.attn_scale, softcap_at=cfg.attn_softcap)
+        self.ln_2 = norm()
         self.mlp = MLP(cfg.n_embd, cfg.mlp_hidden, cfg.mlp, cfg.bias, cfg.dropout)
+        if cfg.post_norms:
+            self.post_attn_norm, self.post_mlp_norm = norm(), norm()
 
     def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask=mask, rope=rope, cache=cache)
-        return x + self.mlp(self.ln_2(x))
+                mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.attn(self.ln_1(x), mask=mask, rope=rope, cache=cache, positions=positions)
+        x = x + (self.post_attn_norm(h) if hasattr(self, "post_attn_norm") else h)
+        h = self.mlp(self.ln_2(x))
+        return x + (self.post_mlp_norm(h) if hasattr(self, "post_mlp_norm") else h)
 
 
 class GPT(nn.Module):
@@ -78,11 +137,11 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions}.get(
             cfg.pos_encoding, lambda *_: None)(cfg.block_size, cfg.n_embd)
-        self.rope = (RotaryEmbedding(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
+        self.rope = (RotaryEmbedding(cfg.head_size, cfg.block_size, cfg.rope_theta, cfg.llama3_rope)
                      if cfg.pos_encoding == "rope" else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.ln_f = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
+        self.ln_f = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps, cfg.norm_unit_offset)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -110,7 +169,7 @@ class GPT(nn.Module):
                    device=None, dtype: torch.dtype | None = None) -> KVCache:
         cfg = self.config
         ref = self.tok_emb.weight
-        return KVCache(cfg.n_layer, batch, cfg.n_kv_head or cfg.n_head, cfg.n_embd // cfg.n_head,
+        return KVCache(cfg.n_layer, batch, cfg.n_kv_head or cfg.n_head, cfg.head_size,
                        max_len or cfg.block_size, device or ref.device, dtype or ref.dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
@@ -131,6 +190,8 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
             positions = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.tok_emb(idx)  # (B, T, C)
+        if self.config.embed_scale:  # sqrt(C) rounded to the embedding's dtype, as Gemma does
+            x = x * torch.tensor(self.config.n_embd ** 0.5, dtype=x.dtype)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)  # + (T, C) or (B, T, C)
         rope = self.rope(positions) if self.rope is not None else None
@@ -138,15 +199,15 @@ class GPT(nn.Module):
             rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, hd): the same for every head
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope=rope, cache=cache, mask=mask)
+            x = block(x, rope=rope, cache=cache, mask=mask, positions=positions)
         if cache is not None:
             cache.advance(T)
         x = self.ln_f(x)
-        if targets is not None and not return_logits:
+        if targets is not None and not return_logits and self.config.final_softcap is None:
             loss = head_loss(x, self.lm_head, targets)  # None: the logits are small, make them
             if loss is not None:
                 return None, loss
-        logits = self.lm_head(x)  # (B, T, vocab)
+        logits = softcap(self.lm_head(x), self.config.final_softcap)  # (B, T, vocab)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .positional import apply_rotary
+from .softcap import softcap
 
 
 def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> torch.Tensor:
@@ -22,29 +23,49 @@ def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> torch
     return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
 
 
+def sliding_window_mask(q_pos: torch.Tensor, t_k: int, window: int) -> torch.Tensor:
+    """Boolean mask, True where a query at position p may look at key j: p - window < j <= p
+    (causal, and at most `window` keys back, itself included; Mistral's and Gemma 2's rule).
+
+    q_pos: (T,) or (B, T) positions of the queries; keys are at positions 0..t_k-1 (a KV cache
+    keeps every position, so the window is a mask, not a rolling buffer).
+    Returns (T, t_k) or (B, 1, T, t_k)."""
+    j = torch.arange(t_k, device=q_pos.device)  # (t_k,)
+    p = q_pos[..., None]  # (..., T, 1)
+    mask = (j <= p) & (j > p - window)  # (..., T, t_k)
+    return mask[:, None] if mask.dim() == 3 else mask
+
+
 def attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     causal: bool = True,
     mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    softcap_at: float | None = None,
+    dropout: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(Q K^T / sqrt(d_k)) V, literally.
 
     q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs); mask: bool, broadcastable to (B, nh, Tq, Tk),
     True = may attend. Dividing by sqrt(d_k) keeps the scores' variance near 1 whatever the
     head size, so the softmax does not saturate into a one-hot and starve the gradients.
+    `scale` replaces 1/sqrt(d_k) (Gemma 2: query_pre_attn_scalar^-0.5); `softcap_at` caps
+    the scores with cap * tanh(s / cap) before the mask (`softcap`). The softmax runs in float32;
+    `dropout` drops attention weights (training).
     Returns the output (B, nh, Tq, hs) and the attention weights (B, nh, Tq, Tk)."""
     if k.shape[1] != q.shape[1]:  # grouped-query attention: each K/V head serves several Q heads
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, nh, Tq, Tk)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = softcap(q @ k.transpose(-2, -1) * scale, softcap_at)  # (B, nh, Tq, Tk)
     if causal:
         scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    return weights @ v, weights
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return (F.dropout(weights, dropout) if dropout else weights) @ v, weights
 
 
 class KVCache:
@@ -81,22 +102,32 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, dim: int, n_head: int, n_kv_head: int | None = None, bias: bool = True,
                  dropout: float = 0.0, causal: bool = True, cross: bool = False,
-                 qk_norm: bool = False, layer_idx: int = 0):
+                 qk_norm: bool = False, layer_idx: int = 0, head_dim: int | None = None,
+                 qkv_bias: bool | None = None, qk_norm_eps: float | None = None,
+                 window: int | None = None, scale: float | None = None, softcap_at: float | None = None):
+        """head_dim: per-head width (default dim / n_head; Qwen3 and Gemma 2 decouple it).
+        qkv_bias: biases on Q, K, V only (Qwen2), default `bias`. window: sliding-window
+        attention over the last `window` positions. scale: replaces 1/sqrt(head_dim).
+        softcap_at: cap the scores with cap * tanh(s / cap) (Gemma 2; runs the reference formula,
+        which PyTorch's fused kernel cannot express)."""
         super().__init__()
         n_kv_head = n_kv_head or n_head
-        assert dim % n_head == 0 and n_head % n_kv_head == 0
-        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
+        assert (head_dim is not None or dim % n_head == 0) and n_head % n_kv_head == 0
+        head_dim = head_dim or dim // n_head
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.causal, self.cross, self.layer_idx = causal, cross, layer_idx
-        kv_dim = 2 * n_kv_head * self.head_dim
+        self.window, self.scale, self.softcap_at = window, scale, softcap_at
+        q_dim, kv_dim = n_head * head_dim, 2 * n_kv_head * head_dim
+        qkv_bias = bias if qkv_bias is None else qkv_bias
         if cross:
-            self.q = nn.Linear(dim, dim, bias=bias)
-            self.kv = nn.Linear(dim, kv_dim, bias=bias)
+            self.q = nn.Linear(dim, q_dim, bias=qkv_bias)
+            self.kv = nn.Linear(dim, kv_dim, bias=qkv_bias)
         else:
-            self.qkv = nn.Linear(dim, dim + kv_dim, bias=bias)
-        self.proj = nn.Linear(dim, dim, bias=bias)
+            self.qkv = nn.Linear(dim, q_dim + kv_dim, bias=qkv_bias)
+        self.proj = nn.Linear(q_dim, dim, bias=bias)
         # QK-norm: normalise queries and keys per head, which keeps attention logits bounded.
-        self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=qk_norm_eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=qk_norm_eps) if qk_norm else None
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
         self.record_weights = False  # set True to keep the last attention map (for inspection)
@@ -118,18 +149,21 @@ class MultiHeadAttention(nn.Module):
                 mask: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, C). memory: (B, S, C), the encoder output, for cross-attention.
         mask: bool broadcastable to (B, nh, T, S), True = may attend (e.g. padding).
         rope: (cos, sin) for x's positions. cache: keys/values of earlier positions.
-        kv: cross-attention only, `project_kv(memory)` computed earlier (memory is then unused)."""
+        kv: cross-attention only, `project_kv(memory)` computed earlier (memory is then unused).
+        positions: (T,) or (B, T), the queries' positions, for a sliding window (default: the
+        last T of the keys' positions, as with a KVCache)."""
         B, T, C = x.shape
-        kv_dim = self.n_kv_head * self.head_dim
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         if self.cross:
             q = self._heads(self.q(x), self.n_head)
             k, v = kv if kv is not None else self.project_kv(memory)  # (B, nkv, S, hs), normed
         else:
-            q, k, v = self.qkv(x).split([C, kv_dim, kv_dim], dim=2)
+            q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=2)
             q = self._heads(q, self.n_head)  # (B, nh, T, hs)
             k, v = self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)  # (B, nkv, T, hs)
             if self.k_norm is not None:
@@ -142,12 +176,20 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
 
         causal = self.causal and not self.cross
-        if self.record_weights:
-            y, w = attention_reference(q, k, v, causal=causal, mask=mask)
-            self.last_weights = w.detach()
+        t_k = k.shape[2]
+        if self.window is not None and t_k > self.window:  # shorter: no key is out of the window
+            if positions is None:
+                positions = torch.arange(t_k - T, t_k, device=x.device)  # (T,)
+            window = sliding_window_mask(positions, t_k, self.window)  # (T, S) or (B, 1, T, S)
+            mask = window if mask is None else mask & window
+        if self.record_weights or self.softcap_at is not None:
+            y, w = attention_reference(q, k, v, causal=causal, mask=mask, scale=self.scale,
+                                       softcap_at=self.softcap_at, dropout=self.dropout if self.training else 0.0)
+            if self.record_weights:
+                self.last_weights = w.detach()
         else:
             y = self._sdpa(q, k, v, causal, mask)
-        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, q_dim)  # heads side by side again: (B, T, nh * hs)
         return self.resid_dropout(self.proj(y))
 
     def _sdpa(self, q, k, v, causal: bool, mask: torch.Tensor | None) -> torch.Tensor:
@@ -159,5 +201,5 @@ class MultiHeadAttention(nn.Module):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
+            enable_gqa=self.n_kv_head != self.n_head, scale=self.scale,
         )

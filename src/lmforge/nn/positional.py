@@ -9,6 +9,8 @@ import math
 import torch
 from torch import nn
 
+from .rope_scaling import llama3_frequencies
+
 
 def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
     """The fixed encoding of "Attention Is All You Need":
@@ -48,11 +50,16 @@ class RotaryEmbedding(nn.Module):
     """RoPE: rotate pairs of query/key features by an angle proportional to
     the position, so q·k depends only on the distance between the two tokens.
 
-    Uses the "rotate half" layout (feature i pairs with feature i + head_dim/2), as Llama does."""
+    Uses the "rotate half" layout (feature i pairs with feature i + head_dim/2), as Llama does.
+    `llama3`: (factor, low_freq_factor, high_freq_factor, original_max_position) rescales the
+    frequencies as Llama 3.1 does (`rope_scaling.llama3_frequencies`)."""
 
-    def __init__(self, head_dim: int, n_pos: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, n_pos: int, theta: float = 10000.0,
+                 llama3: tuple[float, float, float, int] | None = None):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (hd/2,)
+        if llama3 is not None:
+            inv_freq = llama3_frequencies(inv_freq, *llama3)
         angles = torch.arange(n_pos, dtype=torch.float64)[:, None] * inv_freq  # (P, hd/2)
         angles = torch.cat([angles, angles], dim=-1)  # (P, hd)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
