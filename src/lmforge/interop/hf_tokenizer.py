@@ -152,6 +152,19 @@ def _plain_gpt2_file(d: dict[str, Any], config: dict[str, Any]) -> bool:
         and not model.get("ignore_merges") and gpt2_numbered(model["vocab"], merges)
 
 
+def _tiktoken_rule_holds(tok: BPETokenizer) -> bool:
+    """BPETokenizer encodes by tiktoken's rule; it equals the file's merges when the merges
+    recovered from the ranks are the file's own (see pair_bpe.tiktoken_equivalent)."""
+    given = tok.merges  # as read from the file
+    tok._merges = None
+    try:
+        return tok.merges == given
+    except LMForgeError:
+        return False
+    finally:
+        tok._merges = given
+
+
 def read_hf_tokenizer(directory: str | Path) -> Tokenizer:
     """Read tokenizer.json (+ tokenizer_config.json / special_tokens_map.json) if there is one,
     else vocab.json + merges.txt (also under OpenAI's names encoder.json + vocab.bpe), which
@@ -163,7 +176,9 @@ def read_hf_tokenizer(directory: str | Path) -> Tokenizer:
     if tokenizer_json is not None:
         d = read_json(tokenizer_json, "tokenizer.json")
         if isinstance(d, dict) and _plain_gpt2_file(d, config):
-            return tokenizer_from_tokenizer_json(d, tokenizer_json)
+            tok = tokenizer_from_tokenizer_json(d, tokenizer_json)
+            if _tiktoken_rule_holds(tok):
+                return tok
         return _hf_bpe(d, config, tokenizer_json)
     vocab_path = _find(directory, "vocab.json", "encoder.json")
     merges_path = _find(directory, "merges.txt", "vocab.bpe")
