@@ -6,8 +6,9 @@ previous checkpoint intact."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -56,11 +57,52 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise LMForgeError(f"{path} is not a readable safetensors file ({e}); the checkpoint is corrupt")
 
 
+@contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Build a model whose parameters take no memory, to be assigned from a file next
+    (`load_weights`); buffers (RoPE tables, sinusoids) are computed as usual. Without it a
+    model's own random init would sit beside the loaded weights: two copies at the peak."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Copy the file's weights into `model`; a model built under `params_on_meta` takes the
+    file's tensors themselves (and their dtype), so loading holds one copy of the weights."""
     state = read_weights(path)
+    if any(p.is_meta for p in model.parameters()):
+        _assign_weights(path, model, state)
+        return
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {n for n in missing if _is_tied(model, n)}
     missing = [n for n in missing if n not in tied]
+    if missing or unexpected:
+        raise LMForgeError(f"{path} does not match the model in config.json "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def _assign_weights(path: str | Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    groups: dict[int, list[str]] = {}  # tied parameters: one object under several names
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    for names in groups.values():
+        present = [n for n in names if n in state]
+        for name in names:
+            if present and name not in state:  # re-tie to the assigned tensor
+                module, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(module), leaf, model.get_parameter(present[0]))
+    missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
     if missing or unexpected:
         raise LMForgeError(f"{path} does not match the model in config.json "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -112,7 +154,8 @@ def load_run(run_dir: str | Path, adapter: str | Path | None = None,
     export."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    model = build_model(cfg["model"], cfg["model_config"])
+    with params_on_meta():
+        model = build_model(cfg["model"], cfg["model_config"])
     load_weights(run_dir / "model.safetensors", model)
     if adapter is not None:
         load_adapter(model, adapter, base_config=cfg)

@@ -135,7 +135,7 @@ def _llama_like(hf: dict, where: str, model_type: str, **switches: Any) -> GPTCo
     n_embd, n_head = _get(hf, "hidden_size", model_type, where), _get(hf, "num_attention_heads", model_type, where)
     head_dim = hf.get("head_dim") or DEFAULTS[model_type].get("head_dim") or n_embd // n_head
     n_kv = hf.get("num_key_value_heads") or DEFAULTS[model_type].get("num_key_value_heads") or n_head
-    cfg = GPTConfig(
+    fields = dict(
         vocab_size=_get(hf, "vocab_size", model_type, where),
         block_size=_get(hf, "max_position_embeddings", model_type, where),
         n_layer=_get(hf, "num_hidden_layers", model_type, where), n_head=n_head, n_embd=n_embd,
@@ -144,8 +144,8 @@ def _llama_like(hf: dict, where: str, model_type: str, **switches: Any) -> GPTCo
         norm="rmsnorm", norm_eps=float(_get(hf, "rms_norm_eps", model_type, where)), mlp="swiglu",
         mlp_hidden_size=_get(hf, "intermediate_size", model_type, where),
         n_kv_head=None if n_kv == n_head else n_kv,
-        head_dim=None if head_dim * n_head == n_embd else head_dim,
-        **_rope(hf, where), **switches)
+        head_dim=None if head_dim * n_head == n_embd else head_dim, **_rope(hf, where))
+    cfg = GPTConfig(**{**fields, **switches})
     cfg.validate()
     return cfg
 

@@ -1,0 +1,155 @@
+"""Every Hugging Face family lmforge imports and exports, checked against transformers itself
+on small random models built here with each family's switches on (nothing is downloaded).
+
+Per family: save_pretrained in several shards -> `lmforge import-hf` -> logits within 1e-4
+of transformers' (float32) on a sequence longer than any sliding window, 30 greedy tokens
+equal to transformers' greedy generate (lmforge with its KV cache) -> `lmforge export-hf` ->
+AutoModelForCausalLM loads it with no missing or unexpected keys and gives the same logits."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from lmforge.checkpoint import load_run, read_run_config  # noqa: E402
+from lmforge.cli.main import main  # noqa: E402
+from lmforge.interop import write_hf_tokenizer  # noqa: E402
+from lmforge.tokenizers import BPETokenizer  # noqa: E402
+
+TOL = 1e-4
+VOCAB = 300
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+FAMILIES = {  # name -> (config class, settings that switch the family's features on)
+    "llama-tied": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_parameters=LLAMA3)),
+    "llama-untied": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=16)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=32)),  # 2 x n_embd / n_head
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+                                    sliding_window=16, attn_logit_softcapping=1.5, final_logit_softcapping=0.8)),
+    "phi3": ("Phi3Config", dict(num_key_value_heads=2)),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return BPETokenizer.train("the quick brown fox jumps over the lazy dog. " * 40, 280, pattern="gpt2")
+
+
+def hf_model(name: str):
+    cls, settings = FAMILIES[name]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(getattr(transformers, cls)(**BASE, **settings)).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 1:  # norms start at 1 (Gemma: 0) and biases at 0: make them matter
+                p.add_(torch.randn_like(p) * 0.3)
+            else:
+                p.normal_(std=0.15)
+    return model
+
+
+def hf_dir(tmp_path, name, tokenizer):
+    model = hf_model(name)
+    d = tmp_path / "hf"
+    model.save_pretrained(d, max_shard_size="60KB")
+    write_hf_tokenizer(tokenizer, d)
+    return model, d
+
+
+def max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_import_generate_export(tmp_path, tokenizer, name):
+    hf, d = hf_dir(tmp_path, name, tokenizer)
+    assert (d / "model.safetensors.index.json").is_file()  # sharded
+    assert main(["import-hf", str(d), "--out", str(tmp_path / "run")]) == 0
+    model, _ = load_run(tmp_path / "run")
+    torch.manual_seed(1)
+    ids = torch.randint(3, VOCAB, (2, 40))  # longer than the sliding windows (16)
+    with torch.no_grad():
+        assert max_diff(model(ids), hf(ids).logits) <= TOL
+
+    prompt = ids[:1, :10]
+    ours = model.generate(prompt, max_new_tokens=30, temperature=0.0)  # 40 tokens: past the window
+    hf.generation_config.eos_token_id = None  # all 30 tokens, as lmforge generates
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
+                         pad_token_id=0)
+    assert ours.tolist() == theirs.tolist()
+
+    assert main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "back"),
+                 "--max-shard-size", "60000"]) == 0
+    assert (tmp_path / "back" / "model.safetensors.index.json").is_file()
+    back, info = AutoModelForCausalLM.from_pretrained(tmp_path / "back", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        assert max_diff(back.eval()(ids).logits, hf(ids).logits) <= TOL
+    gen = json.loads((tmp_path / "back" / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)
+
+
+def test_switches_are_on_and_generation_is_kept(tmp_path, tokenizer):
+    _, d = hf_dir(tmp_path, "gemma2", tokenizer)
+    assert main(["import-hf", str(d), "--out", str(tmp_path / "run")]) == 0
+    rc = read_run_config(tmp_path / "run")
+    mc = rc["model_config"]
+    assert (mc["head_dim"], mc["sliding_window"], mc["sliding_window_layers"]) == (32, 16, "even")
+    assert (mc["attn_softcap"], mc["final_softcap"], mc["norm_unit_offset"], mc["post_norms"]) == (1.5, 0.8, True, True)
+    assert mc["attn_scale"] == pytest.approx(24 ** -0.5) and mc["mlp"] == "geglu" and mc["embed_scale"]
+    assert rc["generation"]["bos_token_id"] == 1 and rc["generation"]["eos_token_id"] == [2]
+
+
+def test_dtype_is_kept_unless_asked(tmp_path, tokenizer):
+    hf, d = hf_dir(tmp_path, "llama-untied", tokenizer)
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", max_shard_size="60KB")
+    write_hf_tokenizer(tokenizer, tmp_path / "bf16")
+    assert main(["import-hf", str(tmp_path / "bf16"), "--out", str(tmp_path / "a")]) == 0
+    assert main(["import-hf", str(d), "--out", str(tmp_path / "b"), "--dtype", "bfloat16"]) == 0
+    for run in ("a", "b"):
+        with safe_open(str(tmp_path / run / "model.safetensors"), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    model, _ = load_run(tmp_path / "a", inference=False)
+    assert model.tok_emb.weight.dtype == torch.bfloat16
+
+
+def _break(d, how):
+    if how == "no config":
+        (d / "config.json").unlink()
+    elif how == "missing shard":
+        index = json.loads((d / "model.safetensors.index.json").read_text())
+        (d / sorted(set(index["weight_map"].values()))[-1]).unlink()
+    elif how == "wrong shapes":
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+    elif how == "unsupported type":
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, "model_type": "mixtral"}))
+    elif how == "yarn":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+        (d / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("how, message", [
+    ("no config", "config not found"), ("missing shard", "weights shard not found"),
+    ("wrong shapes", "has shape"), ("unsupported type", "model_type 'mixtral' is not supported"),
+    ("yarn", "RoPE scaling 'yarn' is not supported"),
+])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, tokenizer, capsys, how, message):
+    _, d = hf_dir(tmp_path, "mistral", tokenizer)
+    _break(d, how)
+    capsys.readouterr()
+    assert main(["import-hf", str(d), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no staging directory left either
