@@ -56,7 +56,9 @@ class HFBPETokenizer(Tokenizer):
 
     kind = "hf-bpe"
 
-    def __init__(self, tokenizer_json: dict[str, Any], config: dict[str, Any] | None = None):
+    def __init__(self, tokenizer_json: dict[str, Any], config: dict[str, Any] | None = None,
+                 use_tiktoken: bool = True):
+        """use_tiktoken=False forces the pure-Python path (the reference the fast one is tested against)."""
         d, self.config = tokenizer_json, dict(config or {})
         model = d.get("model") if isinstance(d, dict) else None
         if not isinstance(model, dict) or model.get("type") != "BPE":
@@ -101,7 +103,7 @@ class HFBPETokenizer(Tokenizer):
         self._byte_tokens = self._byte_decoder() if self.pre.byte_level and \
             (d.get("decoder") or {}).get("type") == "ByteLevel" else None
         self._encoding = None
-        self.fast = self.pre.byte_level and self._tiktoken_ranks(merges) is not None
+        self.fast = use_tiktoken and self.pre.byte_level and self._tiktoken_ranks(merges) is not None
 
     # --- the tiktoken path ---------------------------------------------------------------------
     def _tiktoken_ranks(self, merges: list[tuple[str, str]]) -> dict[bytes, int] | None:
@@ -298,8 +300,11 @@ class HFBPETokenizer(Tokenizer):
         return cls(d["tokenizer_json"], d.get("config") or {})
 
     def __getstate__(self) -> dict[str, Any]:
-        # tiktoken's Encoding is not picklable; rebuild it lazily after unpickling.
-        return {**self.__dict__, "_encoding": None}
+        # the pipeline's closures and tiktoken's Encoding do not pickle: rebuild from the file
+        return {"tokenizer_json": self.tokenizer_json, "config": self.config}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["tokenizer_json"], state["config"])
 
     def __repr__(self) -> str:
         return f"HFBPETokenizer({self.style}, vocab_size={self.vocab_size}, tiktoken={self.fast})"

@@ -10,6 +10,7 @@ into one when `fuse_unk`), else they are dropped, as in the `tokenizers` library
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 
 
@@ -73,8 +74,11 @@ class PairBPE:
         return ids
 
     def merge(self, ids: list[int]) -> list[int]:
-        """Apply merges to a list of ids until none applies (quadratic in the word's length,
-        which pre-tokenization keeps short)."""
+        """Apply merges to a list of ids until none applies: lowest priority first, leftmost
+        on a tie. Short words rescan their pairs (fast in Python); long ones (text without
+        spaces, such as Chinese under SentencePiece) use a heap, as the `tokenizers` library does."""
+        if len(ids) > 48:
+            return self.merge_long(ids)
         pairs = self.pairs
         while len(ids) > 1:
             best, best_i = None, -1
@@ -86,6 +90,39 @@ class PairBPE:
                 break
             ids[best_i:best_i + 2] = [best[1]]
         return ids
+
+
+    def merge_long(self, ids: list[int]) -> list[int]:
+        """`merge` in O(n log n): a heap of (priority, position) over a linked list of symbols;
+        entries whose symbols have changed since they were pushed are skipped when popped.
+
+        >>> bpe = PairBPE({"a": 0, "aa": 1}, [("a", "a")])
+        >>> bpe.merge_long([0] * 5) == bpe.merge([0] * 5) == [1, 1, 0]
+        True
+        """
+        pairs, n = self.pairs, len(ids)
+        sym, nxt, prv = list(ids), list(range(1, n + 1)), list(range(-1, n - 1))
+        alive = [True] * n
+        heap = []
+        for i in range(n - 1):
+            m = pairs.get((sym[i], sym[i + 1]))
+            if m is not None:
+                heap.append((m[0], i, sym[i], sym[i + 1], m[1]))
+        heapq.heapify(heap)
+        while heap:
+            _, i, a, b, new = heapq.heappop(heap)
+            j = nxt[i]
+            if not alive[i] or sym[i] != a or j >= n or sym[j] != b:
+                continue  # stale: one of the two symbols was merged away since
+            sym[i], alive[j], nxt[i] = new, False, nxt[j]
+            if nxt[j] < n:
+                prv[nxt[j]] = i
+            for left, right in ((prv[i], i), (i, nxt[i])):
+                if left >= 0 and right < n:
+                    m = pairs.get((sym[left], sym[right]))
+                    if m is not None:
+                        heapq.heappush(heap, (m[0], left, sym[left], sym[right], m[1]))
+        return [sym[i] for i in range(n) if alive[i]]
 
 
 def tiktoken_equivalent(ranks: dict[bytes, int], merges: Sequence[tuple[bytes, bytes]]) -> bool:
