@@ -153,3 +153,42 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, tokenizer, ca
     assert message in err and "\n" not in err
     assert not (tmp_path / "run").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no staging directory left either
+
+
+@pytest.mark.parametrize("name", ["llama-untied", "qwen2"])
+def test_peft_adapters_both_ways(tmp_path, tokenizer, name):
+    """lmforge's fused qkv / gate-up LoRA -> PEFT's q_proj, k_proj, ... (one A, B split by rows),
+    and a PEFT adapter on q_proj + v_proj + down_proj -> lmforge (block-diagonal B at rank 2r)."""
+    peft = pytest.importorskip("peft")
+    from lmforge.adapters import save_adapter
+    from lmforge.nn.lora import apply_lora
+
+    hf, d = hf_dir(tmp_path, name, tokenizer)
+    assert main(["import-hf", str(d), "--out", str(tmp_path / "run")]) == 0
+    model, _ = load_run(tmp_path / "run", inference=False)
+    apply_lora(model, ["attn.qkv", "mlp.fc", "mlp.proj"], r=4, alpha=8, dropout=0.0)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.2)
+    save_adapter(model, tmp_path / "ad", base_config=read_run_config(tmp_path / "run"))
+    assert main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "back"),
+                 "--adapter", str(tmp_path / "ad")]) == 0
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "back"),
+                                            tmp_path / "back" / "adapter").eval()
+    ids = torch.randint(3, VOCAB, (2, 24))
+    with torch.no_grad():
+        assert max_diff(model.eval()(ids), theirs(input_ids=ids).logits) <= TOL
+
+    made = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0,
+                                                   target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in made.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.2)
+    made.save_pretrained(tmp_path / "peft")
+    assert main(["import-hf", str(d), "--out", str(tmp_path / "run2"), "--adapter", str(tmp_path / "peft")]) == 0
+    ours, _ = load_run(tmp_path / "run2", adapter=tmp_path / "run2" / "adapter")
+    with torch.no_grad():
+        assert max_diff(ours(ids), made.eval()(input_ids=ids).logits) <= TOL

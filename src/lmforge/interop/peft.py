@@ -111,7 +111,7 @@ def export_peft_adapter(run: str | Path, adapter: str | Path, out: str | Path, b
         hfs = hf_modules(name, family)
         rows = part_rows(name.split(".", 2)[-1], model.config, len(hfs), layer.lora_B.shape[0])
         for hf, b in zip(hfs, layer.lora_B.detach().split(rows, dim=0)):  # each part: the one A, its rows of B
-            tensors[f"{PREFIX}{hf}.lora_A.weight"] = layer.lora_A.detach().contiguous()  # (r, in)
+            tensors[f"{PREFIX}{hf}.lora_A.weight"] = layer.lora_A.detach().clone()  # (r, in), a copy per part
             tensors[f"{PREFIX}{hf}.lora_B.weight"] = b.contiguous()  # (rows, r)
         hf_names += hfs
     config = {
@@ -231,3 +231,15 @@ def write_imported_adapter(lora: tuple[dict[str, Any], dict[str, tuple[torch.Ten
         "base_run": str(Path(base_run).resolve()),
         "source": {"format": "peft-lora", "path": str(Path(source).resolve())}})
     return out
+
+
+def import_peft_adapter(path: str | Path, run: str | Path, out: str | Path) -> Path:
+    """A PEFT LoRA directory -> an lmforge adapter directory for the (imported) run `run`."""
+    from ..checkpoint import read_run_config
+    from .hf_families import family_for
+
+    rc = read_run_config(run)
+    cfg = GPTConfig.from_dict(rc["model_config"], where="gpt model config")
+    family = family_for(cfg, rc.get("source", {}).get("model_type"))
+    return write_imported_adapter(read_peft_adapter(path, cfg, family), cfg, rc, Path(out), base_run=Path(run),
+                                  source=path)
