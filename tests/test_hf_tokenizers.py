@@ -44,6 +44,14 @@ texts = st.one_of(st.text(chars), st.lists(st.one_of(pieces, st.text(chars, max_
 hyp = settings(max_examples=350, deadline=None, suppress_health_check=list(HealthCheck))
 
 
+def test_doctests():
+    import doctest
+
+    from lmforge.tokenizers import byte_table, pair_bpe
+    for module in (byte_table, pair_bpe):
+        assert doctest.testmod(module).failed == 0, module.__name__
+
+
 def _byte_level(style: str, text: str) -> HFTokenizer:
     tk = HFTokenizer(BPE(ignore_merges=style == "llama3"))
     split = pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated")
@@ -102,8 +110,27 @@ def train_text(shakespeare_text) -> str:
 
 @pytest.fixture(scope="module", params=BYTE_STYLES + SP_STYLES)
 def pair(request, tmp_path_factory, train_text):
-    """(directory with tokenizer.json + tokenizer_config.json, tokenizers' Tokenizer, lmforge's)."""
-    style, d = request.param, tmp_path_factory.mktemp(request.param)
+    """(style, directory with tokenizer.json + tokenizer_config.json, tokenizers' Tokenizer, lmforge's)."""
+    return _pair(request.param, tmp_path_factory, train_text)
+
+
+@pytest.fixture(scope="module", params=BYTE_STYLES)
+def byte_pair(request, tmp_path_factory, train_text):
+    return _pair(request.param, tmp_path_factory, train_text)
+
+
+@pytest.fixture(scope="module")
+def metaspace_pair(tmp_path_factory, train_text):
+    return _pair("sp-metaspace", tmp_path_factory, train_text)
+
+
+_PAIRS: dict = {}
+
+
+def _pair(style, tmp_path_factory, train_text):
+    if style in _PAIRS:
+        return _PAIRS[style]
+    d = tmp_path_factory.mktemp(style)
     if style in SP_STYLES:
         hf = _sentencepiece(d, style == "sp-legacy", train_text)
         config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}
@@ -113,7 +140,8 @@ def pair(request, tmp_path_factory, train_text):
     hf.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **config}))
     tok = read_hf_tokenizer(d)
-    return style, d, hf, tok
+    _PAIRS[style] = style, d, hf, tok
+    return _PAIRS[style]
 
 
 def _ids(hf, text):
@@ -169,11 +197,9 @@ def test_ids_equal_on_generated_text(pair, text):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(text=texts)
-def test_pure_python_path_equals_tiktoken_path(pair, text):
+def test_pure_python_path_equals_tiktoken_path(byte_pair, text):
     """Byte-level files: the pair-merge path (used where tiktoken's rule differs) gives the same ids."""
-    style, _, hf, tok = pair
-    if style in SP_STYLES:
-        return
+    style, _, hf, tok = byte_pair
     slow = pair_slow(tok)
     assert slow.encode(text) == tok.encode(text)
 
@@ -198,6 +224,27 @@ def test_long_words_agree(pair):
         for n in range(2, 48):
             ids = tok.bpe.symbols(text[n * 10:n * 11])
             assert tok.bpe.merge(list(ids)) == tok.bpe.merge_long(list(ids))
+
+
+@pytest.mark.parametrize("variant", ["split", "always", "never", "gemma"])
+def test_sentencepiece_variants(metaspace_pair, variant, shakespeare_text, tmp_path):
+    """Metaspace with split=true or another prepend_scheme; Gemma's form (Replace normalizer, no prefix)."""
+    _, _, _, tok = metaspace_pair
+    d = json.loads(json.dumps(tok.tokenizer_json))
+    if variant == "gemma":
+        d["pre_tokenizer"] = None
+        d["normalizer"] = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+        d["decoder"]["decoders"] = d["decoder"]["decoders"][:3]
+    elif variant == "split":
+        d["pre_tokenizer"]["split"] = True
+    else:
+        d["pre_tokenizer"]["prepend_scheme"] = variant
+    (tmp_path / "tokenizer.json").write_text(json.dumps(d))
+    hf, ours = HFTokenizer.from_file(str(tmp_path / "tokenizer.json")), read_hf_tokenizer(tmp_path)
+    for text in [shakespeare_text[:20_000], *MULTILINGUAL]:
+        ids = ours.encode(text)
+        assert ids == _ids(hf, text)
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False)
 
 
 def test_pickles(pair):

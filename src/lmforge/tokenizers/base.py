@@ -158,8 +158,9 @@ def check_header(d: Any) -> str:
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         if isinstance(d, dict) and "model" in d and ("added_tokens" in d or "pre_tokenizer" in d):
             raise LMForgeError(
-                "this looks like a Hugging Face tokenizer.json, not an lmforge tokenizer file; "
-                "train one with `lmforge tokenizer train`"
+                "this looks like a Hugging Face tokenizer.json, not an lmforge tokenizer file; import its "
+                "directory with `lmforge import-hf` (or lmforge.interop.read_hf_tokenizer), or train one "
+                "with `lmforge tokenizer train`"
             )
         raise LMForgeError(
             f'not an lmforge tokenizer file (no "format": "{FORMAT}" marker); '

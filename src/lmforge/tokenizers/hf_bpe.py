@@ -104,6 +104,8 @@ class HFBPETokenizer(Tokenizer):
             (d.get("decoder") or {}).get("type") == "ByteLevel" else None
         self._encoding = None
         self.fast = use_tiktoken and self.pre.byte_level and self._tiktoken_ranks(merges) is not None
+        self._simple = self._one_call()
+        self._pre_split = splitter(self.pre.splits[:-1])  # what runs before tiktoken's own split
 
     # --- the tiktoken path ---------------------------------------------------------------------
     def _tiktoken_ranks(self, merges: list[tuple[str, str]]) -> dict[bytes, int] | None:
@@ -173,7 +175,7 @@ class HFBPETokenizer(Tokenizer):
         out: list[int] = []
         if self.fast:
             enc = self.encoding
-            pieces = splitter(self.pre.splits[:-1])(text) if len(self.pre.splits) > 1 else [text]
+            pieces = self._pre_split(text) if len(self.pre.splits) > 1 else [text]
             for piece in pieces:
                 out.extend(enc.encode_ordinary(piece))
             return out
@@ -186,13 +188,6 @@ class HFBPETokenizer(Tokenizer):
                     if w:
                         out.extend(word(w))
         return out
-
-    @property
-    def _simple(self) -> bool:
-        value = self.__dict__.get("_simple_cached")
-        if value is None:
-            value = self.__dict__["_simple_cached"] = self._one_call()
-        return value
 
     def _allowed(self, allowed_special: AllowedSpecial) -> frozenset[str]:
         if allowed_special == "all":
