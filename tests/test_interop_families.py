@@ -192,3 +192,59 @@ def test_peft_adapters_both_ways(tmp_path, tokenizer, name):
     ours, _ = load_run(tmp_path / "run2", adapter=tmp_path / "run2" / "adapter")
     with torch.no_grad():
         assert max_diff(ours(ids), made.eval()(input_ids=ids).logits) <= TOL
+
+
+def test_sliding_window_mask_is_the_band_p_minus_w_to_p():
+    from lmforge.nn.attention import sliding_window_mask
+
+    m = sliding_window_mask(torch.arange(6), 6, 3)
+    want = torch.tensor([[j <= p and j > p - 3 for j in range(6)] for p in range(6)])
+    assert torch.equal(m, want)
+    assert sliding_window_mask(torch.tensor([[5], [2]]), 6, 3).shape == (2, 1, 1, 6)
+
+
+def test_softcap_and_llama3_frequencies_follow_their_formulas():
+    import math
+
+    from lmforge.nn.rope_scaling import llama3_frequencies
+    from lmforge.nn.softcap import softcap
+
+    x = torch.linspace(-100, 100, 11)
+    assert torch.allclose(softcap(x, 30.0), 30.0 * torch.tanh(x / 30.0)) and softcap(x, None) is x
+    inv = 1.0 / (500000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
+    got = llama3_frequencies(inv, 8.0, 1.0, 4.0, 8192)
+    for f, g in zip(inv.tolist(), got.tolist()):
+        wavelen = 2 * math.pi / f
+        if wavelen < 8192 / 4:
+            want = f
+        elif wavelen > 8192 / 1:
+            want = f / 8
+        else:
+            s = (8192 / wavelen - 1) / (4 - 1)
+            want = (1 - s) * f / 8 + s * f
+        assert g == pytest.approx(want, rel=1e-12)
+
+
+def test_sliding_window_holds_in_the_batched_serving_cache():
+    """Rows at different offsets (the server's SlotKVCache, explicit positions and masks),
+    decoding past the window: each row's logits equal a full forward of its own sequence."""
+    from lmforge.models.gpt import GPT, GPTConfig
+    from lmforge.serve.engine import SlotKVCache
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                          head_dim=16, pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+                          sliding_window=5, sliding_window_layers="even")).eval()
+    seqs = [torch.randint(0, 50, (1, 3)), torch.randint(0, 50, (1, 8))]
+    cache = SlotKVCache(2, 2, 2, 16, max_len=64)
+    with torch.no_grad():
+        for row, s in enumerate(seqs):
+            cache.prefill(row, 1)
+            model(s, cache=cache)
+        for _ in range(6):  # both rows pass the window of 5
+            nxt = torch.randint(0, 50, (2, 1))
+            positions, mask = cache.decode(2)
+            logits = model(nxt, cache=cache, positions=positions, mask=mask)  # (2, 1, V)
+            for row in range(2):
+                seqs[row] = torch.cat([seqs[row], nxt[row:row + 1]], dim=1)
+                assert max_diff(logits[row, -1], model(seqs[row])[0, -1]) <= 1e-5
