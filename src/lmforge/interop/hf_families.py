@@ -232,8 +232,8 @@ def _extras(model_type: str, cfg: GPTConfig) -> dict[str, Any]:
     if model_type == "phi3":
         return {"sliding_window": cfg.sliding_window, "original_max_position_embeddings": cfg.block_size}
     if model_type in ("qwen2", "qwen3"):
-        return {"use_sliding_window": False, "sliding_window": None, "attention_bias": False} | (
-            {} if model_type == "qwen3" else {"attention_bias": None})
+        return {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layer,
+                **({"attention_bias": False} if model_type == "qwen3" else {})}
     if model_type == "gemma2":
         scalar = round(cfg.attn_scale ** -2) if cfg.attn_scale is not None else cfg.head_size
         kinds = ["full_attention" if cfg.window(i) is None else "sliding_attention" for i in range(cfg.n_layer)]

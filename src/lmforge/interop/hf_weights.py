@@ -72,7 +72,10 @@ class HFWeights:
                     raise LMForgeError(f"{path} is not a readable safetensors file ({e})") from None
             else:
                 try:  # weights_only: a pickle from the internet must not run code
-                    self._open[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                    try:
+                        self._open[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                    except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+                        self._open[path] = torch.load(path, map_location="cpu", weights_only=True)
                 except Exception as e:
                     raise LMForgeError(f"{path} is not a readable PyTorch weights file ({e})") from None
         return self._open[path]
