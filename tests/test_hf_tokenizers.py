@@ -274,6 +274,7 @@ def test_save_load_and_export_to_autotokenizer(pair, tmp_path):
     tok.save(tmp_path / "tok.json")
     back = load_tokenizer(tmp_path / "tok.json")
     assert isinstance(back, HFBPETokenizer) and back.bos_id == tok.bos_id and back.add_bos == tok.add_bos
+    assert back.fast == tok.fast  # the saved verdict of the tiktoken check
     write_hf_tokenizer(back, tmp_path / "hf", model_max_length=256)
     auto = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert auto.model_max_length == 256 and auto.eos_token == tok.eos_token

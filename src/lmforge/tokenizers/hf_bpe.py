@@ -57,8 +57,10 @@ class HFBPETokenizer(Tokenizer):
     kind = "hf-bpe"
 
     def __init__(self, tokenizer_json: dict[str, Any], config: dict[str, Any] | None = None,
-                 use_tiktoken: bool = True):
-        """use_tiktoken=False forces the pure-Python path (the reference the fast one is tested against)."""
+                 use_tiktoken: bool = True, tiktoken_checked: bool | None = None):
+        """use_tiktoken=False forces the pure-Python path (the reference the fast one is tested
+        against). tiktoken_checked: the saved verdict of the tiktoken check (about 25 us per merge,
+        seconds for a 128k vocabulary), so that loading a run's own file skips it."""
         d, self.config = tokenizer_json, dict(config or {})
         model = d.get("model") if isinstance(d, dict) else None
         if not isinstance(model, dict) or model.get("type") != "BPE":
@@ -83,6 +85,7 @@ class HFBPETokenizer(Tokenizer):
         self.added = AddedTokens(added)
         self.special_tokens = {t.content: t.id for t in added if t.special}
         self._nonspecial = frozenset(t.content for t in added if not t.special)
+        self._all_added = frozenset(t.content for t in added)
 
         self._id_to_str = {i: s for s, i in vocab.items()}
         self._id_to_str.update({t.id: t.content for t in added})
@@ -103,12 +106,12 @@ class HFBPETokenizer(Tokenizer):
         self._byte_tokens = self._byte_decoder() if self.pre.byte_level and \
             (d.get("decoder") or {}).get("type") == "ByteLevel" else None
         self._encoding = None
-        self.fast = use_tiktoken and self.pre.byte_level and self._tiktoken_ranks(merges) is not None
+        self.fast = use_tiktoken and self.pre.byte_level and self._tiktoken_ranks(merges, tiktoken_checked) is not None
         self._simple = self._one_call()
         self._pre_split = splitter(self.pre.splits[:-1])  # what runs before tiktoken's own split
 
     # --- the tiktoken path ---------------------------------------------------------------------
-    def _tiktoken_ranks(self, merges: list[tuple[str, str]]) -> dict[bytes, int] | None:
+    def _tiktoken_ranks(self, merges: list[tuple[str, str]], checked: bool | None) -> dict[bytes, int] | None:
         """tiktoken's ranks for this vocabulary, or None where tiktoken would give other ids."""
         table = unicode_to_bytes()
         if self.bpe.unk_id is not None or self.bpe.byte_ids is not None:
@@ -121,10 +124,9 @@ class HFBPETokenizer(Tokenizer):
             if len(text) > 1 and text not in made and not self.bpe.ignore_merges:
                 continue  # no merge makes it, so BPE never produces it
             ranks[str_to_token(text)] = i
-        if sum(len(t) == 1 for t in ranks) != 256:
+        if checked is False or sum(len(t) == 1 for t in ranks) != 256:
             return None
-        byte_merges = [(str_to_token(a), str_to_token(b)) for a, b in merges]
-        if not tiktoken_equivalent(ranks, byte_merges):
+        if checked is None and not tiktoken_equivalent(ranks, [(str_to_token(a), str_to_token(b)) for a, b in merges]):
             return None
         self._ranks = ranks
         return ranks
@@ -155,9 +157,10 @@ class HFBPETokenizer(Tokenizer):
     def encode(self, text: str, allowed_special: AllowedSpecial = "all") -> list[int]:
         """Text -> ids, as the `tokenizers` library's encode(text, add_special_tokens=False).
         Special added tokens are matched when allowed; non-special added tokens always."""
-        allowed = self._allowed(allowed_special)
         if self._simple:
-            return self.encoding.encode(text, allowed_special=allowed | self._nonspecial, disallowed_special=())
+            allowed = self._all_added if allowed_special == "all" else self._allowed(allowed_special) | self._nonspecial
+            return self.encoding.encode(text, allowed_special=allowed, disallowed_special=())
+        allowed = self._allowed(allowed_special)
         out: list[int] = []
         for part in self.added.split(text, allowed):
             if isinstance(part, int):
@@ -286,20 +289,22 @@ class HFBPETokenizer(Tokenizer):
 
     # --- saving --------------------------------------------------------------------------------
     def _fields(self) -> dict[str, Any]:
-        return {"tokenizer_json": self.tokenizer_json, "config": self.config}
+        return {"tokenizer_json": self.tokenizer_json, "config": self.config, "tiktoken": self.fast}
 
     @classmethod
     def _from_fields(cls, d: dict[str, Any]) -> HFBPETokenizer:
         if not isinstance(d.get("tokenizer_json"), dict):
             raise LMForgeError('hf-bpe tokenizer file has no "tokenizer_json" object; the file is corrupt')
-        return cls(d["tokenizer_json"], d.get("config") or {})
+        checked = d.get("tiktoken")
+        checked = checked if isinstance(checked, bool) else None
+        return cls(d["tokenizer_json"], d.get("config") or {}, tiktoken_checked=checked)
 
     def __getstate__(self) -> dict[str, Any]:
         # the pipeline's closures and tiktoken's Encoding do not pickle: rebuild from the file
-        return {"tokenizer_json": self.tokenizer_json, "config": self.config}
+        return {"tokenizer_json": self.tokenizer_json, "config": self.config, "tiktoken": self.fast}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["tokenizer_json"], state["config"])
+        self.__init__(state["tokenizer_json"], state["config"], tiktoken_checked=state["tiktoken"])
 
     def __repr__(self) -> str:
         return f"HFBPETokenizer({self.style}, vocab_size={self.vocab_size}, tiktoken={self.fast})"

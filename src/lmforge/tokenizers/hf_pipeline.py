@@ -110,7 +110,8 @@ class PreTokenizer:
                 raise _unsupported("pre-tokenizer step after ByteLevel", step)
             if kind == "ByteLevel":
                 if step.get("add_prefix_space"):
-                    raise LMForgeError("ByteLevel add_prefix_space=true is not supported (lmforge encodes text as given)")
+                    raise LMForgeError("ByteLevel add_prefix_space=true is not supported "
+                                       "(lmforge encodes text as given)")
                 if step.get("use_regex", True):
                     pre.splits.append(GPT2_REGEX)
                 pre.byte_level = True
