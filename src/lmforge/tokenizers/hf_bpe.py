@@ -114,8 +114,6 @@ class HFBPETokenizer(Tokenizer):
     def _tiktoken_ranks(self, merges: list[tuple[str, str]], checked: bool | None) -> dict[bytes, int] | None:
         """tiktoken's ranks for this vocabulary, or None where tiktoken would give other ids."""
         table = unicode_to_bytes()
-        if self.bpe.unk_id is not None or self.bpe.byte_ids is not None:
-            return None
         made = {a + b for a, b in merges}
         ranks = {}
         for text, i in self.vocab.items():
