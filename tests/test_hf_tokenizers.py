@@ -247,6 +247,16 @@ def test_sentencepiece_variants(metaspace_pair, variant, shakespeare_text, tmp_p
         assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False)
 
 
+def test_merges_as_strings(byte_pair):
+    """The older file form: merges as "a b" strings instead of ["a", "b"] pairs."""
+    _, _, hf, tok = byte_pair
+    d = json.loads(json.dumps(tok.tokenizer_json))
+    d["model"]["merges"] = [f"{a} {b}" for a, b in d["model"]["merges"]]
+    old = HFBPETokenizer(d, tok.config)
+    for text in MULTILINGUAL:
+        assert old.encode(text) == tok.encode(text) == _ids(hf, text)
+
+
 def test_pickles(pair):
     import pickle
 
