@@ -8,16 +8,21 @@ has to find a different route to the same loss.
 
     python benchmarks/finetune_rank.py --work /tmp/ft3 --full ft-full-0.001
 
-Reads only the study's work directory; nothing is trained.
+Reads only the study's work directory; nothing is trained. The table goes into
+docs/finetuning.md (section `finetune_rank`); --no-doc prints it only, --markdown FILE writes it there.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+import sys
+
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc_tables import add_doc_args, block, command_line, publish  # noqa: E402
 
 EMB = ("tok_emb.weight", "lm_head.weight")  # one tied matrix, listed under both names
 
@@ -33,6 +38,7 @@ def main() -> None:
     p.add_argument("--full", default="ft-full-0.001", help="the full fine-tuning run inside --work")
     p.add_argument("--ranks", default="8,32,128")
     p.add_argument("--threads", type=int, default=1)
+    add_doc_args(p, "docs/finetuning.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -76,12 +82,12 @@ def main() -> None:
         s2 = torch.linalg.svdvals(full[n] - base[n]) ** 2
         energy[n] = float(s2[:8].sum() / s2.sum())
 
-    print(f"captions val loss: base {before:.4f}, full fine-tuning ({args.full}) {after:.4f}\n")
-    print("| weights | share of full fine-tuning's drop |\n|---|---|")
-    for name, s in rows:
-        print(f"| {name} | {s:.1f}% |")
-    print("\nshare of each update's squared singular values in its top 8:")
-    print(json.dumps({n: round(e, 2) for n, e in energy.items()}, indent=1))
+    lines = [f"Captions val loss: base {before:.4f}, full fine-tuning ({args.full}) {after:.4f}.", "",
+             "| weights | share of full fine-tuning's drop |", "|---|---|"]
+    lines += [f"| {name} | {s:.1f}% |" for name, s in rows]
+    lines += ["", "Share of each update's squared singular values in its top 8: "
+              + ", ".join(f"`{n}` {e:.2f}" for n, e in energy.items()) + "."]
+    publish(args, {"finetune_rank": block(command_line("benchmarks/finetune_rank.py"), "\n".join(lines))})
 
 
 if __name__ == "__main__":

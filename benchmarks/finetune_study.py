@@ -13,6 +13,9 @@
 
     python benchmarks/finetune_study.py --work /tmp/ft-study --multi30k ../shared/data/multi30k --threads 2
 
+The study's table goes into docs/finetuning.md (section `finetune_study`, with the command line
+and the machine); --no-doc prints it only, --markdown FILE writes it there instead.
+
 The Multi30k files are read from --multi30k; nothing of them is written into the repo.
 """
 
@@ -30,6 +33,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc_tables import add_doc_args, block, command_line, publish  # noqa: E402
+
 # LoRA variants: the modules each adapts (tok_emb: the token embedding and the LM head tied to it)
 LORA_TARGETS = {"lora": ["attn.qkv", "attn.proj"], "lora-all": ["all-linear"],
                 "lora-emb": ["attn.qkv", "attn.proj", "tok_emb"], "lora-qkv-emb": ["attn.qkv", "tok_emb"],
@@ -205,6 +211,7 @@ def main() -> None:
     p.add_argument("--sample-method", default="lora", choices=sorted(LORA_TARGETS),
                    help="the LoRA variant whose best run is merged and timed")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_doc_args(p, "docs/finetuning.md")
     args = p.parse_args()
     if args.worker:
         args.method = args.worker
@@ -248,46 +255,44 @@ def main() -> None:
                "dev_before": dev_before, "val_tokens": n_val, "shakespeare_val_loss_of_base": shk_val, "methods": results,
                "sampling": speed, "total_s": time.perf_counter() - t_start}
     (work / "study.json").write_text(json.dumps(summary, indent=2))
-    print_table(summary)
+    publish(args, {"finetune_study": block(command_line("benchmarks/finetune_study.py"), study_markdown(summary))})
 
 
-def print_table(s: dict) -> None:
+def study_markdown(s: dict) -> str:
     """All runs, then each LoRA variant's best run (by dev loss) against full fine-tuning's best."""
     rows = s["methods"]
     best = {m: min((r for r in rows if r["method"] == m), key=lambda r: r["dev_after"])
             for m in dict.fromkeys(r["method"] for r in rows)}
-    print(f"\nbase: shakespeare val loss {s['shakespeare_val_loss_of_base']:.4f}; captions val loss "
-          f"{s['val_before']:.4f} over {s['val_tokens']:,} tokens; dev loss {s['dev_before']:.4f}\n")
-    print("| method | lr | trainable params | dev loss after | val loss before | val loss after | drop | s/step | "
-          "peak RSS (MiB) | RSS growth in fit (MiB) | weights file | trainer.pt |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    full = best.get("full")
+    full_drop = s["val_before"] - full["val_after"] if full else None
+    out = [f"Base: Shakespeare val loss {s['shakespeare_val_loss_of_base']:.4f}; captions val loss "
+           f"{s['val_before']:.4f} over {s['val_tokens']:,} tokens (dev {s['dev_before']:.4f}). Wall time "
+           f"{s['total_s']:.0f} s, pretraining {s['pretrain_s']:.0f} s of it.", "",
+           "| method | lr | trainable params | dev loss after | val loss after | drop | share of full's drop | "
+           "s/step | peak RSS (MiB) | weights file |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         drop = s["val_before"] - r["val_after"]
-        print(f"| {r['method']}{' (best)' if best[r['method']] is r else ''} | {r['lr']:g} | {r['trainable']:,} "
-              f"({100 * r['trainable'] / r['total']:.2f}%) | {r['dev_after']:.4f} | {s['val_before']:.4f} | {r['val_after']:.4f} | "
-              f"{drop:.4f} | {r['s_per_step']:.3f} | {r['peak_rss_mib']:.0f} | "
-              f"{r['peak_rss_mib'] - r['rss_before_fit_mib']:.0f} | {r['weights_bytes'] / 1e6:.2f} MB | "
-              f"{r['trainer_state_bytes'] / 1e6:.2f} MB |")
-    full = best.get("full")
-    if full:
-        full_drop = s["val_before"] - full["val_after"]
-        for m, r in best.items():
-            if m == "full":
-                continue
-            print(f"\n{m} (lr {r['lr']:g}) vs full (lr {full['lr']:g}): recovers "
-                  f"{100 * (s['val_before'] - r['val_after']) / full_drop:.1f}% of the val-loss drop; peak RSS "
-                  f"{100 * r['peak_rss_mib'] / full['peak_rss_mib']:.1f}% (growth during fit "
-                  f"{100 * (r['peak_rss_mib'] - r['rss_before_fit_mib']) / (full['peak_rss_mib'] - full['rss_before_fit_mib']):.1f}%"
-                  + (f", above the runtime floor {100 * (r['peak_rss_mib'] - r['rss_floor_mib']) / (full['peak_rss_mib'] - full['rss_floor_mib']):.1f}%"
-                     if "rss_floor_mib" in r and "rss_floor_mib" in full else "") + "); "
-                  f"step time {r['s_per_step'] / full['s_per_step']:.3f}x; weights file "
-                  f"{100 * r['weights_bytes'] / full['weights_bytes']:.2f}%")
+        share = f"{100 * drop / full_drop:.1f}%" if full and best[r["method"]] is r else ""
+        name = f"**{r['method']} (best)**" if best[r["method"]] is r else r["method"]
+        out.append(f"| {name} | {r['lr']:g} | {r['trainable']:,} ({100 * r['trainable'] / r['total']:.2f}%) | "
+                   f"{r['dev_after']:.4f} | {r['val_after']:.4f} | {drop:.4f} | {share} | {r['s_per_step']:.3f} | "
+                   f"{r['peak_rss_mib']:.0f} | {r['weights_bytes'] / 1e6:.2f} MB |")
+    out.append("")
+    for m, r in best.items():
+        if full and m != "full":
+            floor = (f", above the runtime floor {100 * (r['peak_rss_mib'] - r['rss_floor_mib']) / (full['peak_rss_mib'] - full['rss_floor_mib']):.1f}%"
+                     if "rss_floor_mib" in r and "rss_floor_mib" in full else "")
+            out.append(f"- {m} (lr {r['lr']:g}) against full (lr {full['lr']:g}): "
+                       f"{100 * (s['val_before'] - r['val_after']) / full_drop:.1f}% of the val-loss drop; peak RSS "
+                       f"{100 * r['peak_rss_mib'] / full['peak_rss_mib']:.1f}%{floor}; step time "
+                       f"{r['s_per_step'] / full['s_per_step']:.2f}x; weights file "
+                       f"{100 * r['weights_bytes'] / full['weights_bytes']:.2f}%.")
     sp = s["sampling"]
-    print(f"\nsampling (median s for {s['args']['block_size'] - 8} tokens): base {sp['base']:.3f}, merged "
-          f"{sp['merged']:.3f} ({sp['merged'] / sp['base']:.3f}x), adapter unmerged "
-          f"{sp['adapter (unmerged)']:.3f} ({sp['adapter (unmerged)'] / sp['base']:.3f}x); merged output == "
-          f"adapter output: {sp['merged_equals_adapter_output']}")
-    print(f"total wall time {s['total_s']:.0f} s (pretraining {s['pretrain_s']:.0f} s)")
+    out.append(f"- Sampling {s['args']['block_size'] - 8} greedy tokens (median s): base {sp['base']:.3f}, merged "
+               f"{sp['merged']:.3f} ({sp['merged'] / sp['base']:.3f}x), adapter unmerged {sp['adapter (unmerged)']:.3f} "
+               f"({sp['adapter (unmerged)'] / sp['base']:.3f}x); merged output equals the adapter's: "
+               f"{sp['merged_equals_adapter_output']}.")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

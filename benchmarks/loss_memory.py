@@ -16,7 +16,10 @@ the model was built, and the step time:
   without gradients, as `lmforge eval` computes it (`lmforge.evaluate.split_loss`, whose
   default batch is 16 blocks: 16 x 1024 x 50,257 logits are 3.3 GB for GPT-2).
 
-    python benchmarks/loss_memory.py --preset gpt2 --batch 4 --block 256 --steps 3 --markdown /tmp/loss.md
+    python benchmarks/loss_memory.py --preset gpt2 --batch 4 --block 256 --steps 3
+
+The table goes into docs/benchmarks.md (section `loss_memory`, or `eval_memory` for the eval
+contenders); --no-doc prints it only, --markdown FILE writes it there instead.
 
 Random tokens (memory and time are measured, not learning). `--mmap-threshold` as in
 benchmarks/sharding_memory.py: glibc otherwise keeps freed blocks in the heap and RSS counts
@@ -35,7 +38,8 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from memory_common import RandomTokens, report, rss_mib, set_mmap_threshold
+from doc_tables import add_doc_args, block, command_line, publish
+from memory_common import RandomTokens, rss_mib, set_mmap_threshold
 
 REPO = Path(__file__).resolve().parents[1]
 CONTENDERS = ("transformers", "lmforge-whole", "lmforge", "lmforge-lora-whole", "lmforge-lora",
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="glibc M_MMAP_THRESHOLD in bytes (0: glibc's default, see above)")
     ap.add_argument("--only", default=",".join(TRAINING),
                     help=f"comma-separated contenders, of: {', '.join(CONTENDERS)} (default: the training ones)")
-    ap.add_argument("--markdown", default=None, help="also write the table here")
+    add_doc_args(ap, "docs/benchmarks.md")
     args = ap.parse_args(argv)
     names = [n for n in args.only.split(",") if n]
     unknown = sorted(set(names) - set(CONTENDERS))
@@ -176,17 +180,18 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:  # a fresh process each, so each peak is its own
             mp.spawn(run, args=(name, args, out), nprocs=1, join=True)
         rows = [json.loads(Path(out, f"{n}.json").read_text()) for n in names]
-    cmd = " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [f"`python benchmarks/loss_memory.py {cmd}` - {args.preset} shape, vocabulary {args.vocab}, batch {args.batch} x "
-             f"{args.block} tokens, {args.steps} AdamW steps, {args.threads} threads, M_MMAP_THRESHOLD "
-             f"{args.mmap_threshold or 'default'}, torch {torch.__version__}", "",
+    lines = [f"{args.preset} shape, vocabulary {args.vocab}, batch {args.batch} x {args.block} tokens, "
+             f"{args.steps} {'batches' if names[0].startswith('eval-') else 'AdamW steps'}, each contender in a fresh "
+             f"process, glibc M_MMAP_THRESHOLD {args.mmap_threshold or 'default'}.", "",
              "| contender | trainable params | peak RSS (MiB) | above the pre-model RSS (MiB) | s/step | first loss |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['trainable'] / 1e6:.2f}M of {r['total'] / 1e6:.1f}M | "
                      f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - r['rss_before_model_mib']:.0f} | "
                      f"{r['step_s']:.2f} | {r['losses'][0]:.3f} |")
-    report(lines, args.markdown)
+    torch.set_num_threads(args.threads)  # so the machine line names the contenders' thread count
+    name = "eval_memory" if all(n.startswith("eval-") for n in names) else "loss_memory"
+    publish(args, {name: block(command_line("benchmarks/loss_memory.py", argv), "\n".join(lines))})
 
 
 if __name__ == "__main__":

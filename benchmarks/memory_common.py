@@ -1,5 +1,6 @@
 """What the memory benchmarks share: reading this process's RSS, glibc's mmap threshold, and
-random-token batches for the Trainer (memory and time are measured, not learning)."""
+random-token batches for the Trainer (memory and time are measured, not learning). Their tables
+go into docs/benchmarks.md through doc_tables.publish."""
 
 from __future__ import annotations
 
@@ -46,11 +47,3 @@ class RandomTokens:
 
     def load_state_dict(self, state):
         pass
-
-
-def report(lines: list[str], markdown: str | None) -> None:
-    """Print the table, and write it to `markdown` when given."""
-    text = "\n".join(lines)
-    print(text)
-    if markdown:
-        Path(markdown).write_text(text + "\n")

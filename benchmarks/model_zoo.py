@@ -1,13 +1,18 @@
 """lmforge against real peers, in one process run, contenders alternating round by round.
 
-    python benchmarks/model_zoo.py --json bench.json --markdown bench.md      (or: lmforge bench)
+    python benchmarks/model_zoo.py --parts a --train-presets char-tiny      (or: lmforge bench)
+
+Each part refreshes its own tables in docs/benchmarks.md (between `<!-- NAME:begin -->` and
+`<!-- NAME:end -->`, with the command line and the machine); --no-doc prints them only,
+--markdown FILE writes them there instead.
 
 a) training tokens/s, `char-tiny` and `shakespeare-small` shapes: lmforge's Trainer.step vs
    transformers GPT2LMHeadModel with the same shapes, batches, threads and AdamW settings;
    both then report the val loss after the same timed steps on the same batches.
 b) batch-1 greedy decoding, GPT-2 124M shape, 16-token prompt, 128 new tokens, fp32 and bf16:
-   lmforge (plain, and after `prepare_for_decoding`) vs transformers `generate` (KV cache on),
-   with this machine's memory bandwidth measured in the same run and the bound it implies.
+   lmforge (plain, after `prepare_for_decoding`, and `lmforge.load` + `model.generate` on a run
+   made by `lmforge import-hf`) vs transformers `generate` (KV cache on), with this machine's
+   memory bandwidth measured in the same run and the bound it implies (decode_speed.py).
 c) BPE training seconds and encoding MB/s: lmforge vs HF `tokenizers` and sentencepiece.
 d) val loss on char tinyshakespeare after a fixed budget (2,000 x 12 x 64 tokens): nnlm,
    seed GPT (learned and sinusoidal positions) and llama-tiny, with parameters and wall time.
@@ -20,45 +25,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when `lmforge bench` loads this file
+from decode_speed import bench_decoding, decoding_markdown  # noqa: E402
+from doc_tables import add_doc_args, block, command_line, machine, publish  # noqa: E402
+from timing import median_time  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "src/lmforge/assets/tinyshakespeare.txt"
-
-
-def median_time(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
-    """Run each contender once per round, alternating, and keep every round's seconds."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "load_avg": os.getloadavg()}
 
 
 # ---- a) training speed ------------------------------------------------------------------
@@ -143,69 +125,6 @@ def bench_training(data_dir: Path, preset: str, steps: int, rounds: int) -> dict
     return out
 
 
-# ---- b) decoding speed ------------------------------------------------------------------
-def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
-    """GB/s reading a large tensor (torch sum) and copying it (read + write bytes); best of n."""
-    x = torch.ones(int(gib * 2**30 / 4))
-    y = torch.empty_like(x)
-    best_sum = best_copy = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter(); x.sum(); t1 = time.perf_counter()
-        y.copy_(x); t2 = time.perf_counter()
-        best_sum = max(best_sum, x.numel() * 4 / (t1 - t0) / 1e9)
-        best_copy = max(best_copy, 2 * x.numel() * 4 / (t2 - t1) / 1e9)
-    return {"read_gb_s": best_sum, "copy_gb_s": best_copy}
-
-
-def bench_decoding(rounds: int, new_tokens: int = 128, prompt_len: int = 16) -> dict[str, Any]:
-    import copy
-
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from lmforge.models.decoding import generate_ids, prepare_for_decoding
-    from lmforge.models.gpt import GPT, GPTConfig
-    from lmforge.models.presets import get_preset
-
-    torch.manual_seed(0)
-    base = GPT(GPTConfig(**get_preset("gpt2")["model_config"])).eval()
-    hf32 = GPT2LMHeadModel(GPT2Config(attn_implementation="sdpa")).eval()
-    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
-    lmf = {"lmforge plain fp32": base,
-           "lmforge fp32": prepare_for_decoding(copy.deepcopy(base)),
-           "lmforge plain bf16": copy.deepcopy(base).to(torch.bfloat16),  # nn.Linear layout, for comparison
-           "lmforge bf16": prepare_for_decoding(copy.deepcopy(base), dtype=torch.bfloat16),
-           "lmforge int8": prepare_for_decoding(copy.deepcopy(base), int8=True)}
-    prompt = torch.randint(0, 50257, (1, prompt_len), generator=torch.Generator().manual_seed(1))
-
-    def ours(m):
-        return lambda: generate_ids(m, prompt, new_tokens, temperature=0.0)
-
-    def theirs(m):
-        return lambda: m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
-
-    fns = {"transformers fp32": theirs(hf32), "transformers bf16": theirs(hf16)}
-    fns.update({k: ours(m) for k, m in lmf.items()})
-    for fn in fns.values():  # warm-up
-        fn()
-    with torch.no_grad():
-        times = median_time(fns, rounds)
-    bw = memory_bandwidth()
-    n_params = base.num_params() - base.pos_emb.weight.numel()  # one position row is read per token
-    out: dict[str, Any] = {"new_tokens": new_tokens, "prompt": prompt_len, "rounds": rounds,
-                           "bandwidth": bw, "weight_params_per_token": n_params, "results": {}}
-    bytes_per_param = {"fp32": 4, "bf16": 2, "int8": 1}
-    for name, ts in times.items():
-        tok_s = new_tokens / statistics.median(ts)
-        kind = name.split()[-1]
-        bound = bw["read_gb_s"] * 1e9 / (n_params * bytes_per_param[kind])
-        out["results"][name] = {"tok_s": tok_s, "rounds_s": ts, "bound_tok_s": bound, "of_bound": tok_s / bound}
-    r = out["results"]
-    out["ratio_fp32"] = r["lmforge fp32"]["tok_s"] / r["transformers fp32"]["tok_s"]
-    out["ratio_bf16"] = r["lmforge bf16"]["tok_s"] / r["transformers bf16"]["tok_s"]
-    return out
-
-
 # ---- c) tokenizers ------------------------------------------------------------------------
 def bench_tokenizers(corpus: Path | None, big_vocab: int, rounds: int) -> dict[str, Any]:
     import sentencepiece as spm
@@ -285,55 +204,48 @@ def bench_quality(data_dir: Path, iters: int) -> list[dict[str, Any]]:
     return rows
 
 
-# ---- report -------------------------------------------------------------------------------
-def markdown(res: dict[str, Any]) -> str:
-    m = res["machine"]
-    lines = [f"Command: `{res['command']}`", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads; torch {m['torch']}, "
-             f"transformers {m['transformers']}, Python {m['python']}; load average at start "
-             f"{', '.join(f'{x:.1f}' for x in m['load_avg'])} (a shared machine: other jobs ran at the same time).", ""]
-    if "training" in res:
-        lines += ["### a) Training tokens/s (median of alternating rounds)", "",
-                  "| shape | batch x block | lmforge tok/s | transformers tok/s | ratio | lmforge bf16 autocast tok/s (ratio) "
-                  "| val loss lmforge / transformers (same steps, same batches) |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in res["training"]:
-            lines.append(f"| {r['preset']} | {r['batch']} x {r['block']} | {r['lmforge_tok_s']:,.0f} | "
-                         f"{r['transformers_tok_s']:,.0f} | **{r['ratio']:.2f}x** | "
-                         f"{r['lmforge_bf16_tok_s']:,.0f} ({r['ratio_bf16']:.2f}x) | "
-                         f"{r['lmforge_val_loss']:.3f} / {r['transformers_val_loss']:.3f} after {r['trained_tokens']:,} tokens |")
-        lines.append("")
-    if "decoding" in res:
-        d = res["decoding"]
-        bw = d["bandwidth"]
-        lines += ["### b) Decoding, GPT-2 124M shape, batch 1, "
-                  f"{d['prompt']}-token prompt, {d['new_tokens']} greedy tokens", "",
-                  f"Memory bandwidth measured in the same run: {bw['read_gb_s']:.1f} GB/s read (torch sum over 1 GiB), "
-                  f"{bw['copy_gb_s']:.1f} GB/s copy (read + write). Bound = read bandwidth / bytes of weights per token "
-                  f"({d['weight_params_per_token'] / 1e6:.1f}M parameters read per token).", "",
-                  "| contender | tok/s | bandwidth bound tok/s | share of bound |", "|---|---|---|---|"]
-        for name, r in d["results"].items():
-            lines.append(f"| {name} | {r['tok_s']:.1f} | {r['bound_tok_s']:.0f} | {r['of_bound']:.0%} |")
-        lines += ["", f"Ratios: fp32 **{d['ratio_fp32']:.2f}x**, bf16 **{d['ratio_bf16']:.2f}x** "
-                  "(lmforge after `prepare_for_decoding` vs transformers `generate`).", ""]
-    if "tokenizers" in res:
-        t = res["tokenizers"]
-        lines += ["### c) BPE tokenizers", "", "| training data | vocab | lmforge s | HF tokenizers s | sentencepiece s |",
-                  "|---|---|---|---|---|"]
-        for r in t["train"]:
-            lines.append(f"| {r['data']} | {r['vocab']:,} | {r['lmforge']:.2f} | {r['HF tokenizers']:.2f} | {r['sentencepiece']:.2f} |")
-        lines += ["", f"Encoding {t['encode_data']} (by lines), MB/s:", "", "| encoder | MB/s |", "|---|---|"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in t["encode"].items()]
-        lines += ["", f"lmforge / HF `encode_batch`: **{t['encode_ratio_vs_hf']:.2f}x** in one process"
-                      + (f", **{t['encode_workers_ratio_vs_hf']:.2f}x** with num_workers={t['encode_workers']}"
-                         if "encode_workers_ratio_vs_hf" in t else ""), ""]
-    if "quality" in res:
-        lines += ["### d) Val loss after a fixed budget (char tinyshakespeare, batch 12 x 64)", "",
-                  "| model | parameters | val loss | train loss | wall time |", "|---|---|---|---|---|"]
-        for r in res["quality"]:
-            lines.append(f"| {r['model']} | {r['params']:,} | {r['val_loss']:.3f} | {r['train_loss']:.3f} | {r['wall_s']:.0f} s |")
-        lines.append("")
+# ---- report: one section of docs/benchmarks.md per measurement ------------------------------
+def training_markdown(r: dict[str, Any]) -> str:
+    return "\n".join([
+        f"Median of {r['rounds']} alternating rounds of {r['steps_per_round']} optimizer steps; val loss after the "
+        "same steps on the same batches.", "",
+        "| shape | batch x block | lmforge tok/s | transformers tok/s | ratio | lmforge bf16 autocast tok/s (ratio) "
+        "| val loss lmforge / transformers |", "|---|---|---|---|---|---|---|",
+        f"| {r['preset']} | {r['batch']} x {r['block']} | {r['lmforge_tok_s']:,.0f} | {r['transformers_tok_s']:,.0f} | "
+        f"**{r['ratio']:.2f}x** | {r['lmforge_bf16_tok_s']:,.0f} ({r['ratio_bf16']:.2f}x) | "
+        f"{r['lmforge_val_loss']:.3f} / {r['transformers_val_loss']:.3f} after {r['trained_tokens']:,} tokens |"])
+
+
+def tokenizers_markdown(t: dict[str, Any]) -> str:
+    lines = ["| training data | vocab | lmforge s | HF tokenizers s | sentencepiece s |", "|---|---|---|---|---|"]
+    lines += [f"| {r['data']} | {r['vocab']:,} | {r['lmforge']:.2f} | {r['HF tokenizers']:.2f} | "
+              f"{r['sentencepiece']:.2f} |" for r in t["train"]]
+    lines += ["", f"| encoder ({t['encode_data']}, by lines) | MB/s |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in t["encode"].items()]
+    lines += ["", f"lmforge / HF `encode_batch`: **{t['encode_ratio_vs_hf']:.2f}x** in one process, "
+                  f"**{t['encode_workers_ratio_vs_hf']:.2f}x** with num_workers={t['encode_workers']}."]
     return "\n".join(lines)
+
+
+def quality_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | parameters | val loss | train loss | wall time |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['params']:,} | {r['val_loss']:.3f} | {r['train_loss']:.3f} | {r['wall_s']:.0f} s |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def sections(res: dict[str, Any]) -> dict[str, str]:
+    """{marker name: section text}; a run of some parts refreshes only their sections."""
+    cmd, out = res["command"], {}
+    for r in res.get("training", []):
+        out[f"train_{r['preset']}"] = block(cmd, training_markdown(r))
+    if "decoding" in res:
+        out["decoding"] = block(cmd, decoding_markdown(res["decoding"]))
+    if "tokenizers" in res:
+        out["bpe"] = block(cmd, tokenizers_markdown(res["tokenizers"]))
+    if "quality" in res:
+        out["quality"] = block(cmd, quality_markdown(res["quality"]))
+    return out
 
 
 TRAIN_STEPS_DIVISOR = {"char-tiny": 1, "shakespeare-small": 5}  # part a's shapes; the larger takes fewer steps
@@ -347,12 +259,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--train-steps", type=int, default=10, help="optimizer steps per training round")
     ap.add_argument("--train-presets", default="char-tiny,shakespeare-small",
                     help="part a's shapes (shakespeare-small takes a fifth of --train-steps per round)")
+    ap.add_argument("--decode-tokens", type=int, default=128, help="part b's new tokens per generation")
     ap.add_argument("--quality-iters", type=int, default=2000)
     ap.add_argument("--corpus", default=None, help="the 11 MB corpus (../shared/data/make-pydocs-corpus.sh); "
                                                     "without it, part c uses tinyshakespeare only")
     ap.add_argument("--big-vocab", type=int, default=32768)
     ap.add_argument("--json", default=None, help="write the results here")
-    ap.add_argument("--markdown", default=None, help="write the markdown tables here")
+    add_doc_args(ap, "docs/benchmarks.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -368,8 +281,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"--train-presets takes {','.join(TRAIN_STEPS_DIVISOR)} separated by commas, got {args.train_presets!r}")
     if args.corpus and not Path(args.corpus).is_file():
         ap.error(f"--corpus: file not found: {args.corpus}")
-    res: dict[str, Any] = {"command": " ".join(["python benchmarks/model_zoo.py", *(argv or sys.argv[1:])]),
-                           "machine": machine()}
+    import transformers
+
+    res: dict[str, Any] = {"command": command_line("benchmarks/model_zoo.py", argv), "machine": machine(),
+                           "transformers": transformers.__version__, "load_avg": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "shakespeare-char"
         if parts & {"a", "d"}:
@@ -378,18 +293,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res["training"] = [bench_training(data_dir, name, max(1, args.train_steps // TRAIN_STEPS_DIVISOR[name]),
                                               args.rounds) for name in train_presets]
         if "b" in parts:
-            res["decoding"] = bench_decoding(max(2, args.rounds // 2))
+            res["decoding"] = bench_decoding(max(2, args.rounds // 2), new_tokens=args.decode_tokens)
         if "c" in parts:
             res["tokenizers"] = bench_tokenizers(Path(args.corpus) if args.corpus else None, args.big_vocab,
                                                  max(1, args.rounds // 2))
         if "d" in parts:
             res["quality"] = bench_quality(data_dir, args.quality_iters)
-    text = markdown(res)
-    print(text)
+    publish(args, sections(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
     return res
 
 

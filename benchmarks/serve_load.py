@@ -1,7 +1,7 @@
 """Load test for `lmforge serve`: 50 concurrent streaming requests against the batching
 scheduler, compared in the same run with the same 50 requests sent one after another.
 
-    python benchmarks/serve_load.py --out docs/serving.md
+    python benchmarks/serve_load.py            (refreshes its table in docs/serving.md; --no-doc: print only)
 
 Starts `lmforge serve` as a subprocess (so the client does not share the server's
 interpreter) on a random-init model of a preset's shape with the character tokenizer of the
@@ -26,6 +26,9 @@ from pathlib import Path
 
 import httpx
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc_tables import add_doc_args, block, command_line, publish  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,7 +140,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="rounds; each round runs every setting once, "
                                                             "interleaved, and the table shows medians")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and the library run")
-    ap.add_argument("--out", default=None, help="write the results table into this markdown file")
+    add_doc_args(ap, "docs/serving.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n, m = args.requests, args.max_tokens
@@ -178,30 +181,9 @@ def main() -> None:
     lt = med(lib, "tok_s")
     table.append(f"| library `lmforge.generate`, no HTTP, 1 at a time ({min(n, 10)} prompts) | - | - | "
                  f"{lib[0]['tokens']} | {med(lib, 'wall'):.2f} | {lt:.0f} | {lt / base:.2f}x | - | - | - |")
-    cmd = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
-    text = "\n".join(table)
-    print(text)
-    if args.out:
-        env = (f"{os.cpu_count()} CPU cores shared with other jobs, torch {torch.__version__}, "
-               f"{args.threads} torch thread(s); model: random-init GPT of preset `{args.preset}` with the "
-               f"character tokenizer; {m} new tokens per request, temperature 0.8; medians of {args.repeats} "
-               "interleaved rounds")
-        update_doc(Path(args.out), cmd, env, text)
-
-
-def update_doc(path: Path, cmd: str, env: str, table: str) -> None:
-    """Replace the block between the results markers in the markdown file."""
-    from lmforge.fileio import atomic_open
-
-    start, end = "<!-- serve_load results -->", "<!-- /serve_load results -->"
-    block = f"{start}\nCommand: `{cmd}`  \nSetup: {env}.\n\n{table}\n{end}"
-    doc = path.read_text(encoding="utf-8") if path.exists() else f"# Serving\n\n{start}\n{end}\n"
-    if start in doc and end in doc:
-        doc = doc[:doc.index(start)] + block + doc[doc.index(end) + len(end):]
-    else:
-        doc += "\n" + block + "\n"
-    with atomic_open(path) as f:
-        f.write(doc)
+    note = (f"Model: random-init GPT of preset `{args.preset}` with the character tokenizer; {m} new tokens per "
+            f"request, temperature 0.8; medians of {args.repeats} interleaved rounds.")
+    publish(args, {"serve_load": block(command_line("benchmarks/serve_load.py"), "\n".join(table), note)})
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ trains the same model a few steps both ways with lmforge's Trainer and reports e
 peak RSS, the part of it above the process's resident size before the model was built, and
 the step time. One process with the same per-rank batch is the reference.
 
-    python benchmarks/sharding_memory.py --preset gpt2 --steps 4 --markdown /tmp/shard.md
+    python benchmarks/sharding_memory.py --preset gpt2 --steps 4
+
+The table goes into docs/benchmarks.md (section `fsdp_memory`; `fsdp_memory_glibc_default` with
+--mmap-threshold 0); --no-doc prints it only, --markdown FILE writes it there instead.
 
 Random token data (the quantity measured is memory, not what the model learns).
 
@@ -31,7 +34,8 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from memory_common import RandomTokens, report, rss_mib, set_mmap_threshold
+from doc_tables import add_doc_args, block, command_line, publish
+from memory_common import RandomTokens, rss_mib, set_mmap_threshold
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--mmap-threshold", type=int, default=65536,
                     help="glibc M_MMAP_THRESHOLD in bytes (0: glibc's default, see above)")
-    ap.add_argument("--markdown", default=None, help="also write the table here")
+    add_doc_args(ap, "docs/benchmarks.md")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO / "src"))
     with tempfile.TemporaryDirectory() as out:
@@ -96,16 +100,17 @@ def main(argv: list[str] | None = None) -> None:
         rows = [json.loads(p.read_text()) for p in sorted(Path(out).glob("*.json"))]
     order = {"single": 0, "ddp": 1, "fsdp": 2}
     rows.sort(key=lambda r: (order[r["mode"]], r["rank"]))
-    lines = [f"`python benchmarks/sharding_memory.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
-             f" - {args.preset} shape, {rows[0]['params'] / 1e6:.1f}M parameters, batch {args.batch} x "
-             f"{args.block} tokens per process, {args.steps} AdamW steps, {args.threads} thread(s) per process, "
-             f"M_MMAP_THRESHOLD {args.mmap_threshold or 'default'}, torch {torch.__version__}", "",
+    lines = [f"{args.preset} shape, {rows[0]['params'] / 1e6:.1f}M parameters, batch {args.batch} x {args.block} "
+             f"tokens per process, {args.steps} AdamW steps, {args.threads} torch thread(s) per process, glibc "
+             f"M_MMAP_THRESHOLD {args.mmap_threshold or 'default'}.", "",
              "| run | rank | peak RSS (MiB) | above the pre-model RSS (MiB) | s/step |", "|---|---|---|---|---|"]
     for r in rows:
         name = {"single": "1 process", "ddp": "2 processes, DDP", "fsdp": "2 processes, FSDP"}[r["mode"]]
         lines.append(f"| {name} | {r['rank']} | {r['peak_rss_mib']:.0f} | "
                      f"{r['peak_rss_mib'] - r['rss_before_model_mib']:.0f} | {r['step_s']:.2f} |")
-    report(lines, args.markdown)
+    torch.set_num_threads(args.threads)  # so the machine line names the per-process thread count
+    section = "fsdp_memory" if args.mmap_threshold else "fsdp_memory_glibc_default"
+    publish(args, {section: block(command_line("benchmarks/sharding_memory.py", argv), "\n".join(lines))})
 
 
 if __name__ == "__main__":

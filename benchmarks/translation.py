@@ -9,7 +9,8 @@ at 15, 30, 45 and 60 minutes of training it saves a snapshot of the model (RUN/a
 and at --minutes it stops (as Ctrl-C does: the checkpoint is saved). `report` scores every
 snapshot and the final model on test2016 with sacreBLEU (13a, cased) and the papers' metric
 (lower-cased Moses-tokenized references), measures decode speed with the KV cache against the
-same model decoding without it (the peer), and writes docs/translation.md.
+same model decoding without it (the peer), and refreshes its tables in docs/translation.md
+(between their markers; --no-doc prints them only, --markdown FILE writes them there).
 Multi30k is read from --data (default ../shared/data/multi30k); it is never copied."""
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "multi30k"
 MARKS = (15, 30, 45, 60)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc_tables import add_doc_args  # noqa: E402
 
 
 def torch_no_grad(fn):
@@ -160,63 +163,56 @@ def cmd_report(args: argparse.Namespace) -> None:
     t_uncached = time.perf_counter() - t0
     same = sum(a == b for a, b in zip(cached, uncached))
     evals = [r for r in read_metrics(run) if "val_loss" in r]
-    plot = plot_run(run, Path(args.doc).with_name("translation-loss.png"))
+    where = Path(args.markdown).parent if args.markdown else run if args.no_doc else Path(args.doc).parent
+    plot = plot_run(run, where / "translation-loss.png")  # beside the page that shows it
     size = (run / "model.safetensors").stat().st_size
     write_doc(args, rows, beams, beam, parity, (t_cached, t_uncached, same, len(cached)), evals, plot, size, src, refs, model)
 
 
 def write_doc(args, rows, beams, beam, parity, speed, evals, plot, size, src, refs, model) -> None:
-    from lmforge.fileio import atomic_open
+    """Refresh the report's sections of docs/translation.md (the text around them stays)."""
+    from doc_tables import block, command_line, publish
 
     t_cached, t_uncached, same, n_speed = speed
     n = len(src)
     final_iter = max(r["iter"] for r in evals) if evals else "?"
-    lines = ["# German -> English translation on Multi30k (benchmark results)", "",
-             f"Produced by `benchmarks/translation.py` on {args.machine}. Multi30k is read from a path, "
-             "never shipped.", "",
-             "## Commands", "", "```", args.command.strip() or "(see the doc text)",
-             f"OMP_NUM_THREADS=1 python benchmarks/translation.py report --run {args.run}", "```", "",
-             f"Model: {model.num_params() / 1e6:.2f}M parameters "
-             f"({model.config.n_enc_layer}+{model.config.n_dec_layer} layers, d={model.config.n_embd}, "
-             f"{model.config.n_head} heads, d_ff={model.config.ffn_hidden}, {model.config.norm_position}-LN, "
-             f"shared BPE vocabulary of {model.config.vocab_size}, tied embeddings, label smoothing "
-             f"{model.config.label_smoothing}); checkpoint `model.safetensors` {size / 1e6:.1f} MB.", "",
-             f"## test2016 ({n:,} sentences)", "",
-             "| model | iter | training minutes | decoding | sacreBLEU | papers' BLEU (tok, lc) |",
-             "|---|---|---|---|---|---|"]
+    c = model.config
+    bleu = [f"Model: {model.num_params() / 1e6:.2f}M parameters ({c.n_enc_layer}+{c.n_dec_layer} layers, "
+            f"d={c.n_embd}, {c.n_head} heads, d_ff={c.ffn_hidden}, {c.norm_position}-LN, shared BPE vocabulary of "
+            f"{c.vocab_size}, tied embeddings, label smoothing {c.label_smoothing}); `model.safetensors` "
+            f"{size / 1e6:.1f} MB.", "",
+            "| model | iter | training minutes | decoding | sacreBLEU | papers' BLEU (tok, lc) |",
+            "|---|---|---|---|---|---|"]
     for snap, extra, res in rows:
         it = extra.get("iter", final_iter)
         mins = extra.get("minutes", max((r.get("minutes", 0) for r in evals), default="?"))
-        lines.append(f"| {snap.name} | {it} | {mins} | greedy | {res['sacrebleu']:.2f} | {res['papers']:.2f} |")
+        bleu.append(f"| {snap.name} | {it} | {mins} | greedy | {res['sacrebleu']:.2f} | {res['papers']:.2f} |")
     for name, b in beams.items():
-        lines.append(f"| {name} | {final_iter} | | beam {args.beam} | {b['sacrebleu']:.2f} | {b['papers']:.2f} |")
-    lines += ["", f"- sacreBLEU signature: `{beam['sig']}`",
-              f"- papers' metric: `{beam['psig']}` against `tok/test2016.lc.norm.tok.en`, hypotheses lower-cased "
-              f"and tokenized by `lmforge.translate.bleu.moses_tokenize`, which reproduces {parity} of the "
-              f"{n} reference lines exactly from the raw `test2016.en`.",
-              "- Anchors on the papers' metric: 36.5 (9M-parameter 3+3 Transformer, greedy), 41.0 "
-              "(~3M 4+4, en->de, beam 5, checkpoint averaging, GPUs). Target here: >= 38 within 60 minutes.", "",
-              "## Decode speed", "",
-              f"- beam {args.beam}, all {n} test sentences: {beam['seconds']:.1f} s = "
-              f"**{n / beam['seconds']:.1f} sentences/s** (1 thread, batches of up to 4,096 tokens / beam).",
-              f"- greedy, {n_speed} sentences in batches of 50: with KV cache and cross-attention K/V computed once "
-              f"{t_cached:.2f} s ({n_speed / t_cached:.1f} sentences/s); the peer without cache (whole prefix "
-              f"re-decoded every step) {t_uncached:.2f} s: **{t_uncached / t_cached:.2f}x** faster with the cache; "
-              f"{same}/{n_speed} outputs identical.", "",
-              "## Validation during training", "",
-              "val BLEU is sacreBLEU of greedy translations of the first 100 val sentences.", "",
-              "| iter | training minutes | train loss | val loss | val BLEU |", "|---|---|---|---|---|"]
+        bleu.append(f"| {name} | {final_iter} | | beam {args.beam} | {b['sacrebleu']:.2f} | {b['papers']:.2f} |")
+    bleu += ["", f"- sacreBLEU signature: `{beam['sig']}`",
+             f"- papers' metric: `{beam['psig']}` against `tok/test2016.lc.norm.tok.en`, hypotheses lower-cased "
+             f"and tokenized by `lmforge.translate.bleu.moses_tokenize`, which reproduces {parity} of the "
+             f"{n} reference lines exactly from the raw `test2016.en`."]
+    speed_md = [f"- beam {args.beam}, all {n} test sentences: {beam['seconds']:.1f} s = "
+                f"**{n / beam['seconds']:.1f} sentences/s** (1 thread, batches of up to 4,096 tokens / beam).",
+                f"- greedy, {n_speed} sentences in batches of 50: with the KV cache and cross-attention K/V computed "
+                f"once {t_cached:.2f} s ({n_speed / t_cached:.1f} sentences/s); the same model re-decoding the whole "
+                f"prefix every step {t_uncached:.2f} s: **{t_uncached / t_cached:.2f}x** faster with the cache; "
+                f"{same}/{n_speed} outputs identical."]
+    curve = ["val BLEU: sacreBLEU of greedy translations of the first 100 val sentences.", "",
+             "| iter | training minutes | train loss | val loss | val BLEU |", "|---|---|---|---|---|"]
     for r in evals:
         vb = f"{r['val_bleu']:.2f}" if "val_bleu" in r else ""
-        lines.append(f"| {r['iter']} | {r.get('minutes', '')} | {r['train_loss']:.3f} | {r['val_loss']:.3f} | {vb} |")
-    lines += ["", f"Loss curve (`lmforge plot`): ![loss]({Path(plot).name})", "",
-              f"## 10 sample translations (test2016, beam {args.beam})", "",
-              "| German | reference | lmforge |", "|---|---|---|"]
-    for i in range(min(10, n)):
-        lines.append(f"| {src[i]} | {refs[i]} | {beam['hyps'][i]} |")
-    with atomic_open(args.doc) as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {args.doc}")
+        curve.append(f"| {r['iter']} | {r.get('minutes', '')} | {r['train_loss']:.3f} | {r['val_loss']:.3f} | {vb} |")
+    curve += ["", f"Loss curve (`lmforge plot`): ![loss]({Path(plot).name})"]
+    samples = ["| German | reference | lmforge |", "|---|---|---|"]
+    samples += [f"| {src[i]} | {refs[i]} | {beam['hyps'][i]} |" for i in range(min(10, n))]
+    cmd = command_line("benchmarks/translation.py")
+    note = f"Trained with `{args.command.strip() or '(not given: pass --command)'}` on {args.machine}."
+    publish(args, {"translation_bleu": block(cmd, "\n".join(bleu), note),
+                   "translation_speed": block(cmd, "\n".join(speed_md)),
+                   "translation_curve": block(cmd, "\n".join(curve), note),
+                   "translation_samples": block(cmd, "\n".join(samples))})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -239,14 +235,13 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--run", required=True)
     r.add_argument("--data", default=str(DEFAULT_DATA))
     r.add_argument("--beam", type=int, default=5)
-    r.add_argument("--doc", default=str(ROOT / "docs" / "translation.md"))
     r.add_argument("--limit", type=int, default=None, help="score only the first N test sentences")
     r.add_argument("--command", default="", help="the exact training command, for the doc")
-    r.add_argument("--machine", default="this project's 2-core CPU machine",
-                   help="how to describe the machine and its load, for the doc")
+    r.add_argument("--machine", default="the machine named below",
+                   help="the machine training ran on, for the doc (the report names its own)")
+    add_doc_args(r, "docs/translation.md")
     r.set_defaults(func=cmd_report)
     args = p.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     args.func(args)
 
 
