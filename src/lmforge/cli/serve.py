@@ -24,6 +24,16 @@ def register(sub) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
     p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for "
                                                                   "(default: the model's context)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests that may wait for a batch row; past it, 429 with Retry-After (default 256)")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
+                   help="a request still generating after S seconds ends with finish_reason 'abort' "
+                        "(default 600; 0: no limit)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM/SIGINT, running requests get S seconds to finish (default 30)")
+    p.add_argument("--log-prompts", action="store_true", help="put prompt text in the access log (default: not)")
+    p.add_argument("--access-log", action="store_true", help="one JSON line per request on stderr")
     add_device_args(p)
     p.set_defaults(func=run)
 
@@ -31,25 +41,37 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import uvicorn
-
     from ..errors import LMForgeError
     from ..serve import create_app
+    from ..serve.server import serve
     from .sample import load_for_inference
 
     if args.max_batch < 1 or not 0 < args.port < 65536:
         raise LMForgeError("--max-batch must be >= 1 and --port in 1..65535")
+    if args.max_queue < 0 or args.request_timeout < 0 or args.max_body_bytes < 1 or args.shutdown_timeout < 0:
+        raise LMForgeError("--max-queue, --request-timeout and --shutdown-timeout must be >= 0, "
+                           "--max-body-bytes >= 1")
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
     host = args.host or "127.0.0.1"  # no key and no explicit --host: loopback only
     model, tok = load_for_inference(args)
     name = args.model_name or Path(args.run).resolve().name
     app = create_app(model, tok, model_name=name, api_key=api_key, max_batch=args.max_batch,
-                     max_tokens_limit=args.max_tokens)
+                     max_tokens_limit=args.max_tokens, max_queue=args.max_queue,
+                     request_timeout=args.request_timeout or None, max_body_bytes=args.max_body_bytes,
+                     log_prompts=args.log_prompts)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{args.port}"
     print(f"serving {name!r} at {url}/v1 (playground: {url}/)"
           + ("" if api_key else "; no API key, anyone who can reach it may use it"), flush=True)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: bound to {host} without an API key", flush=True)
-    uvicorn.run(app, host=host, port=args.port, log_level="warning")
+    if args.access_log or args.log_prompts:
+        import logging
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access = logging.getLogger("lmforge.serve.access")
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+    serve(app, host=host, port=args.port, shutdown_timeout=args.shutdown_timeout)
     return 0

@@ -18,9 +18,11 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..generation import _prompt_ids
+from .admission import AdmissionMiddleware
 from .api_errors import APIError, APIKeyMiddleware, install_error_handlers
 from .attention import attention_map
 from .engine import Engine, Handle, SamplingParams
+from .metrics import CONTENT_TYPE, Metrics, TokenClock
 from .openai_format import Formatter
 from .schemas import AttentionRequest, ChatCompletionRequest, CompletionRequest
 from .text import CHAT_STOPS, render_chat
@@ -83,10 +85,14 @@ async def _merge(handles: list[Handle]):
 
 
 def create_app(model, tokenizer, model_name: str = "lmforge", api_key: str | None = None,
-               max_batch: int = 16, max_tokens_limit: int | None = None) -> FastAPI:
+               max_batch: int = 16, max_tokens_limit: int | None = None, max_queue: int = 256,
+               request_timeout: float | None = 600.0, max_body_bytes: int = 1 << 20,
+               log_prompts: bool = False) -> FastAPI:
     """An OpenAI-compatible app serving `model`. With `api_key`, every /v1 path needs
     `Authorization: Bearer <api_key>`. At most `max_batch` sequences decode together (a
-    request's n choices count separately); n may not exceed it."""
+    request's n choices count separately); n may not exceed it. Past `max_queue` waiting
+    requests a new one gets 429 with Retry-After; a request still generating after
+    `request_timeout` seconds ends with finish_reason "abort"; bodies over `max_body_bytes` get 413."""
     engine = Engine(model, tokenizer, max_batch=max_batch)
     block = engine.block_size
     limit = min(max_tokens_limit or block, block)
@@ -99,9 +105,14 @@ def create_app(model, tokenizer, model_name: str = "lmforge", api_key: str | Non
 
     app = FastAPI(title="lmforge", version="1", lifespan=lifespan)
     app.state.engine = engine
+    app.state.metrics = metrics = Metrics(engine)
+    app.state.draining, app.state.inflight = False, 0
     install_error_handlers(app)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    # outermost: counts and logs every request, the 401s included
+    app.add_middleware(AdmissionMiddleware, state=app.state, max_body_bytes=max_body_bytes,
+                       log_prompts=log_prompts)
 
     # --- checking a request -----------------------------------------------------------------
     def check_model(name: str | None) -> None:
@@ -148,7 +159,30 @@ def create_app(model, tokenizer, model_name: str = "lmforge", api_key: str | Non
     # --- running it -------------------------------------------------------------------------
     async def respond(request: Request, fmt: Formatter, prompts: list[list[int]], n: int,
                       p: SamplingParams, stream: bool, include_usage: bool, echo: bool):
+        waiting = engine.queued()
+        if waiting + len(prompts) > max_queue:
+            raise APIError(429, f"{waiting} requests are waiting, this server's limit is {max_queue}; "
+                                "retry shortly", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"})
+        notes = request.scope.setdefault("state", {})
+        notes["prompt_tokens"] = sum(len(x) for x in prompts) * n
+        notes["completion_tokens"] = 0
+        if log_prompts:
+            notes["prompt"] = fmt.prompt_texts
+        clock = TokenClock(time.perf_counter)
         handles = [engine.submit(ids, n, p) for ids in prompts]
+        loop = asyncio.get_running_loop()
+        timers = [loop.call_later(request_timeout, h.abort, "abort") for h in handles] if request_timeout else []
+
+        def seen(ev) -> None:
+            clock.tick(ev)
+            notes["completion_tokens"] = clock.tokens
+
+        def done() -> None:
+            for t in timers:
+                t.cancel()
+            clock.observe(metrics, n * len(prompts))
+
         if stream:
             async def events():
                 try:
@@ -156,16 +190,23 @@ def create_app(model, tokenizer, model_name: str = "lmforge", api_key: str | Non
                         for chunk in fmt.echo_chunks():
                             yield _sse(chunk)
                     async for i, ev in _merge(handles):
+                        seen(ev)
                         yield _sse(fmt.chunk(i, ev))
                     if include_usage:
                         yield _sse(fmt.usage_chunk())
                 except Exception as e:  # the model failed mid-stream: say so in the stream
                     yield _sse(APIError(500, f"generation failed: {e}", type="server_error").body())
+                finally:
+                    done()
                 yield "data: [DONE]\n\n"
             return _EventStream(events(), handles)
 
         async def gather(h: Handle):
-            return [ev async for ev in h.events()]
+            out = []
+            async for ev in h.events():
+                seen(ev)
+                out.append(ev)
+            return out
 
         work = asyncio.ensure_future(asyncio.gather(*(gather(h) for h in handles)))
         watch = asyncio.ensure_future(_until_disconnected(request))
@@ -173,6 +214,7 @@ def create_app(model, tokenizer, model_name: str = "lmforge", api_key: str | Non
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
+            done()
             for h in handles:
                 h.cancel()
         if not work.done():  # the client went away; nobody will read an answer
@@ -193,6 +235,12 @@ def create_app(model, tokenizer, model_name: str = "lmforge", api_key: str | Non
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, **engine.load()}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_page():
+        """Prometheus text format: requests by route and status, queue, running sequences,
+        tokens, time-to-first-token and time-per-output-token histograms, cancellations."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():

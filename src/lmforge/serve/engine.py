@@ -107,6 +107,7 @@ class Handle:
         self.prompt_ids, self.n, self.params, self.loop = prompt_ids, n, params, loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
+        self.abort_reason: str | None = None  # set: the engine ends every open choice with this reason
         self.prompt_logprobs: list[tuple[float | None, list[tuple[int, float]]]] | None = None
 
     def push(self, item) -> None:
@@ -118,6 +119,11 @@ class Handle:
     def cancel(self) -> None:
         """Stop generating for this request (its rows are freed at the next step)."""
         self.cancelled = True
+
+    def abort(self, reason: str = "abort") -> None:
+        """End this request at the next step: every open choice gets a final event with `reason`
+        as its finish_reason (a deadline, a server shutting down), so streams close cleanly."""
+        self.abort_reason = reason
 
     async def events(self):
         """Yield Events until every choice has finished."""
@@ -145,6 +151,8 @@ class _Seq:
 class EngineStats:
     finished: int = 0  # choices that ended by a stop or their length
     cancelled: int = 0  # choices dropped because their client went away
+    dropped: int = 0  # requests whose client went away while queued, dropped before they ran
+    aborted: int = 0  # choices ended early by a deadline or a shutdown (final event sent)
     tokens: int = 0  # tokens generated in all
 
 
@@ -188,7 +196,20 @@ class Engine:
         with self._cv:
             return {"active": len(self.rows), "queued": sum(h.n for h in self.pending),
                     "slots": self.max_batch, "finished": self.stats.finished,
-                    "cancelled": self.stats.cancelled, "tokens_generated": self.stats.tokens}
+                    "cancelled": self.stats.cancelled, "dropped": self.stats.dropped,
+                    "aborted": self.stats.aborted, "tokens_generated": self.stats.tokens}
+
+    def queued(self) -> int:
+        """Requests waiting for a row."""
+        with self._cv:
+            return len(self.pending)
+
+    def abort_all(self, reason: str = "abort") -> None:
+        """End every queued and running request with a final event (see Handle.abort)."""
+        with self._cv:
+            for h in self.pending + [s.handle for s in self.rows]:
+                h.abort(reason)
+            self._cv.notify()
 
     def close(self) -> None:
         with self._cv:
@@ -224,7 +245,17 @@ class Engine:
 
     def _admit(self) -> list[Handle]:
         """Move queued requests into free rows, first come first served."""
-        self.pending = [h for h in self.pending if not h.cancelled]
+        keep = []
+        for h in self.pending:
+            if h.cancelled:
+                self.stats.dropped += 1
+            elif h.abort_reason:  # never ran: every choice ends empty
+                for c in range(h.n):
+                    h.push(Event(c, "", finish_reason=h.abort_reason))
+                self.stats.aborted += h.n
+            else:
+                keep.append(h)
+        self.pending = keep
         admitted, free = [], self.max_batch - len(self.rows)
         while self.pending and self.pending[0].n <= free:
             handle = self.pending.pop(0)
@@ -243,7 +274,7 @@ class Engine:
         for c in range(n):
             gen = torch.Generator(device=self.device)
             if p.seed is not None:
-                gen.manual_seed(p.seed + c)  # choice c of seed s is reproducible on its own
+                gen.manual_seed((p.seed + c) % 2**64)  # choice c of seed s is reproducible on its own
             else:
                 gen.seed()
             seqs.append(_Seq(handle, c, Detokenizer(self.tokenizer, p.stop), gen))
@@ -323,6 +354,10 @@ class Engine:
         """Free the rows of finished and cancelled sequences; the last row fills each hole."""
         for r in range(len(self.rows) - 1, -1, -1):
             s = self.rows[r]
+            if not s.done and not s.handle.cancelled and s.handle.abort_reason:
+                self._finish(s, s.handle.abort_reason)
+                self.stats.finished -= 1
+                self.stats.aborted += 1
             if not (s.done or s.handle.cancelled):
                 continue
             if not s.done:

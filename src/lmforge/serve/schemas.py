@@ -23,10 +23,10 @@ class _Sampling(_Body):
     model: StrictStr
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: Optional[StrictInt] = Field(None, ge=1)
+    top_k: Optional[StrictInt] = Field(None, ge=1, le=2**31 - 1)
     n: StrictInt = Field(1, ge=1)
     stop: Union[StrictStr, list[StrictStr], None] = None
-    seed: Optional[StrictInt] = None
+    seed: Optional[StrictInt] = Field(None, ge=-2**63, le=2**63 - 1)  # what a 64-bit generator takes
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     return_token_ids: StrictBool = False
