@@ -14,6 +14,7 @@ import time
 from .api_errors import APIError
 
 access_log = logging.getLogger("lmforge.serve.access")
+DISCARD_FACTOR = 16  # a refused body up to 16x the limit is read and dropped before the 413
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/internal/attention",
           "/health", "/metrics", "/")
 
@@ -25,7 +26,9 @@ def _route(path: str) -> str:
 
 
 class _BodyTooLarge(Exception):
-    pass
+    def __init__(self, more: bool):
+        super().__init__()
+        self.more = more  # whether the client still has body to send
 
 
 class AdmissionMiddleware:
@@ -47,14 +50,17 @@ class AdmissionMiddleware:
 
         self.state.inflight += 1
         try:
-            err = self._refuse(scope)
+            err, unread = self._refuse(scope), True
             if err is None and scope["method"] in ("POST", "PUT", "PATCH"):
                 try:
                     receive = await self._buffer(receive)
-                except _BodyTooLarge:
+                except _BodyTooLarge as e:
+                    unread = e.more
                     err = APIError(413, f"the request body is over this server's limit of {self.max_body} "
                                         "bytes; send a shorter prompt", code="request_too_large")
             if err is not None:
+                if err.status == 413 and unread:  # read (and drop) what was sent, so the client gets the answer
+                    await _discard(receive, DISCARD_FACTOR * self.max_body)
                 await err.send(send_)
             else:
                 await self.app(scope, receive, send_)
@@ -82,7 +88,7 @@ class AdmissionMiddleware:
                 return _replay([msg], receive)
             size += len(msg.get("body", b""))
             if size > self.max_body:
-                raise _BodyTooLarge
+                raise _BodyTooLarge(msg.get("more_body", False))
             chunks.append(msg.get("body", b""))
             more = msg.get("more_body", False)
         return _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive)
@@ -97,6 +103,15 @@ class AdmissionMiddleware:
         if self.log_prompts and "prompt" in notes:
             line["prompt"] = notes["prompt"]
         access_log.info(json.dumps(line, ensure_ascii=False))
+
+
+async def _discard(receive, budget: int) -> None:
+    """Drain a refused body up to `budget` bytes; past it the connection just closes."""
+    while budget > 0:
+        msg = await receive()
+        if msg["type"] != "http.request" or not msg.get("more_body", False):
+            return
+        budget -= len(msg.get("body", b""))
 
 
 def _replay(messages: list[dict], receive):
