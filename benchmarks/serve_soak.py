@@ -113,7 +113,7 @@ class Soak:
             b["prompt"] = "y" * (MAX_BODY + 10)
         return route, b
 
-    async def one(self, client: httpx.AsyncClient, kind: str) -> None:
+    async def one(self, client: httpx.AsyncClient, kind: str, who: int) -> None:
         route, b = self.body(kind)
         content = json.dumps(b).encode()
         if kind == "malformed_json":
@@ -139,7 +139,7 @@ class Soak:
             self.hung += 1
             status = "hung"
         except httpx.TransportError as e:  # the server dropped the connection: a failure
-            status = f"error:{type(e).__name__}"
+            status = f"error:{type(e).__name__} (client {who})"
         self.statuses[kind, status] += 1
         if status == 429 and kind != "burst":  # as the official client does: wait as the server asks
             await asyncio.sleep(float(resp.headers.get("retry-after", 1)) * self.rng.uniform(0.5, 1.0))
@@ -168,10 +168,11 @@ class Soak:
         async with httpx.AsyncClient(timeout=None) as client:
             n = 0
             while time.monotonic() < self.deadline:
-                if i == 0 and n % 10 == 9:  # a burst: 3x the queue limit at once
-                    await asyncio.gather(*(self.one(client, "burst") for _ in range(3 * MAX_QUEUE)))
+                if i == 0 and n % 10 == 9:  # a burst: 3x the queue limit at once, as many new clients
+                    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=None)) as c:
+                        await asyncio.gather(*(self.one(c, "burst", i) for _ in range(3 * MAX_QUEUE)))
                 else:
-                    await self.one(client, self.rng.choice(MIX))
+                    await self.one(client, self.rng.choice(MIX), i)
                 n += 1
 
 
