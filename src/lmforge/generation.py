@@ -9,6 +9,7 @@ import torch
 
 from .errors import LMForgeError
 from .models.decoding import decode_steps
+from .models.speculative import speculative_steps
 
 
 def _prompt_ids(model, tokenizer, prompt: str) -> list[int]:
@@ -26,9 +27,13 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 def stream(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-           stop: Sequence[str] = (), num_samples: int = 1) -> Iterator[list[str]]:
+           stop: Sequence[str] = (), num_samples: int = 1, draft=None,
+           draft_tokens: int = 4, draft_stats=None) -> Iterator[list[str]]:
     """Yield, at each step, the new text of each of the num_samples continuations (a list of
-    strings, '' where a sample has finished or its bytes do not yet form a whole character)."""
+    strings, '' where a sample has finished or its bytes do not yet form a whole character).
+    draft: a smaller model with the same tokenizer for speculative decoding (it proposes
+    draft_tokens tokens a round; the output is distributed as the model's own); draft_stats, a
+    `SpeculativeStats`, collects how many proposals the model kept."""
     device = next(model.parameters()).device
     ids = _prompt_ids(model, tokenizer, prompt)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
@@ -39,8 +44,15 @@ def stream(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperature
     shown = [""] * num_samples
     done = [False] * num_samples
     eot = getattr(tokenizer, "eot_id", None)
-    for nxt in decode_steps(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, generator=gen):
+    if draft is not None:
+        if num_samples != 1:
+            raise LMForgeError("speculative decoding makes one sample at a time; use num_samples=1 with a draft")
+        steps = speculative_steps(model, draft, idx, max_new_tokens, k=draft_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, generator=gen, stats=draft_stats)
+    else:
+        steps = decode_steps(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, generator=gen)
+    for nxt in steps:
         pieces = []
         for i, t in enumerate(nxt.tolist()):
             if done[i] or t == eot:
@@ -71,12 +83,14 @@ def stream(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperature
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop: Sequence[str] = (), num_samples: int = 1) -> str | list[str]:
-    """The prompt's continuation (without the prompt). With num_samples > 1, a list."""
+             stop: Sequence[str] = (), num_samples: int = 1, draft=None,
+             draft_tokens: int = 4) -> str | list[str]:
+    """The prompt's continuation (without the prompt). With num_samples > 1, a list.
+    draft: see `stream`."""
     if max_new_tokens < 0:
         raise LMForgeError("max_new_tokens must be >= 0")
     texts = [""] * num_samples
     for pieces in stream(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
-                         seed, stop, num_samples):
+                         seed, stop, num_samples, draft, draft_tokens):
         texts = [t + p for t, p in zip(texts, pieces)]
     return texts[0] if num_samples == 1 else texts

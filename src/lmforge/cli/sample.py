@@ -18,6 +18,10 @@ def register(sub) -> None:
     p.add_argument("--num-samples", type=int, default=1, help="independent continuations (default 1)")
     p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop a sample at any of these strings")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--draft", default=None, metavar="RUN",
+                   help="speculative decoding: a smaller run with the same tokenizer proposes tokens "
+                        "that the model checks in one pass (same output distribution; batch 1)")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes a round (default 4)")
     add_device_args(p)
     p.set_defaults(func=run)
 
@@ -50,6 +54,20 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load_for_inference(args)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, seed=args.seed, stop=args.stop)
+    stats = None
+    if args.draft is not None:
+        from argparse import Namespace
+
+        from ..models.speculative import SpeculativeStats
+
+        if args.num_samples != 1:
+            raise LMForgeError("--draft makes one sample at a time; drop --num-samples")
+        draft, draft_tok = load_for_inference(Namespace(**{**vars(args), "run": args.draft, "adapter": None}))
+        if draft_tok.to_dict() != tok.to_dict():
+            raise LMForgeError(f"the draft {args.draft} has another tokenizer than {args.run}; "
+                               "speculative decoding needs the same one")
+        stats = SpeculativeStats()
+        kw.update(draft=draft, draft_tokens=args.draft_tokens, draft_stats=stats)
     if args.stream:
         for i in range(args.num_samples):
             if args.num_samples > 1:
@@ -68,4 +86,7 @@ def run(args: argparse.Namespace) -> int:
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(args.prompt + text)
+    if stats is not None:
+        print(f"speculative decoding: {stats.accepted}/{stats.proposed} proposals kept "
+              f"({stats.acceptance_rate:.0%}) in {stats.rounds} rounds", file=sys.stderr)
     return 0

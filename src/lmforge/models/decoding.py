@@ -38,11 +38,11 @@ def decode_steps(model, idx: torch.Tensor, max_new_tokens: int, temperature: flo
             yield nxt
             if step == max_new_tokens - 1:
                 break
+            context = torch.cat([context, nxt[:, None]], dim=1)[:, -block:]  # the window so far
             if cache is not None and cache.pos < cache.max_len:
                 logits = model(nxt[:, None], cache=cache)[:, -1]
             else:  # window full: slide it
                 cache = None
-                context = torch.cat([context, nxt[:, None]], dim=1)[:, -block:]
                 logits = model(context)[:, -1]
     finally:
         model.train(was_training)
