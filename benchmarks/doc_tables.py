@@ -43,7 +43,8 @@ def machine() -> str:
     name, flags = cpu_model()
     have = [f for f in CPU_FLAGS if f in flags]
     bf16 = ", ".join(have) if have else "no " + "/".join(CPU_FLAGS)
-    return (f"{name} ({bf16}), {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
+    n = torch.get_num_threads()
+    return (f"{name} ({bf16}), {os.cpu_count()} cores, {n} torch thread{'s' if n != 1 else ''}; "
             f"torch {torch.__version__}, Python {platform.python_version()}; "
             f"{datetime.date.today().isoformat()}")
 

@@ -32,7 +32,7 @@ def test_write_section_refuses_a_broken_pair_and_leaves_the_page(tmp_path):
 def test_machine_line_and_block(monkeypatch):
     monkeypatch.setattr(doc_tables, "cpu_model", lambda: ("Test CPU", {"avx512f", "amx_tile"}))
     line = doc_tables.machine()
-    assert line.startswith("Test CPU (amx_tile), ") and "torch threads; torch " in line
+    assert line.startswith("Test CPU (amx_tile), ") and " torch thread" in line and "; torch " in line
     monkeypatch.setattr(doc_tables, "cpu_model", lambda: ("Old CPU", {"avx2"}))
     assert "(no avx512_bf16/amx_bf16/amx_tile)" in doc_tables.machine()
     text = doc_tables.block(doc_tables.command_line("benchmarks/x.py", ["--rounds", "2", "a b"]), "| t |")
