@@ -248,3 +248,34 @@ def test_sliding_window_holds_in_the_batched_serving_cache():
             for row in range(2):
                 seqs[row] = torch.cat([seqs[row], nxt[row:row + 1]], dim=1)
                 assert max_diff(logits[row, -1], model(seqs[row])[0, -1]) <= 1e-5
+
+
+def test_a_tokenizer_json_of_the_llama3_style_comes_back_out(tmp_path):
+    """A byte-level BPE trained with the `tokenizers` library (its own ids, a BOS added by the
+    post-processor) goes in with import-hf and out with export-hf; AutoTokenizer then encodes
+    as the original file does."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, processors, trainers
+    from tokenizers.models import BPE
+    from transformers import AutoTokenizer
+
+    tk = Tokenizer(BPE())
+    split = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(["the quick brown fox jumps over the lazy dog 123 4567. " * 30],
+                           trainers.BpeTrainer(vocab_size=290, special_tokens=["<s>", "</s>"], show_progress=False,
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
+    model = hf_model("llama-tied")
+    d = tmp_path / "hf"
+    model.save_pretrained(d)
+    tk.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    assert main(["import-hf", str(d), "--out", str(tmp_path / "run")]) == 0
+    assert main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    text = "the lazy fox, 2024 jumps! über 東京"
+    back = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert back(text)["input_ids"] == tk.encode(text).ids  # BOS included, as the original adds it
+    gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert gen["bos_token_id"] == model.config.bos_token_id  # what the checkpoint said, kept

@@ -28,6 +28,7 @@ from ..errors import LMForgeError
 from ..fileio import read_json, write_json
 from ..models.gpt import GPT, GPTConfig
 from ..tokenizers import BPETokenizer, Tokenizer, load_tokenizer
+from ..tokenizers.hf_bpe import HFBPETokenizer
 from .hf_families import Family, family_for, family_of, part_rows
 from .hf_tokenizer import read_hf_tokenizer, write_hf_tokenizer
 from .hf_weights import TORCH_DTYPES, HFWeights, write_safetensors, write_sharded
@@ -200,7 +201,7 @@ def export_hf(run: str | Path, out: str | Path, adapter: str | Path | None = Non
     cfg = GPTConfig.from_dict(rc["model_config"], where="gpt model config")
     family = family_for(cfg, rc.get("source", {}).get("model_type"))
     tok = load_tokenizer(run / "tokenizer.json") if tokenizer else None
-    if tok is not None and not isinstance(tok, BPETokenizer):
+    if tok is not None and not isinstance(tok, (BPETokenizer, HFBPETokenizer)):
         raise LMForgeError(f"the run's {tok.kind!r} tokenizer has no Hugging Face form; "
                            "export the weights alone with --no-tokenizer")
     path = run / "model.safetensors"
@@ -254,7 +255,9 @@ def export_hf(run: str | Path, out: str | Path, adapter: str | Path | None = Non
 
 def _generation_from_tokenizer(tok: Tokenizer | None) -> dict[str, Any]:
     eot = getattr(tok, "eot_id", None)
-    return {"bos_token_id": eot, "eos_token_id": [] if eot is None else [eot]}
+    bos = getattr(tok, "bos_id", None)
+    # GPT-2's convention, for lmforge's own BPE: <|endoftext|> begins and ends a text
+    return {"bos_token_id": eot if bos is None else bos, "eos_token_id": [] if eot is None else [eot]}
 
 
 def _one_or_list(ids: list[int]) -> int | list[int] | None:
