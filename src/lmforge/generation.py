@@ -1,18 +1,21 @@
-"""Text in, text out: encode a prompt, decode the sampled ids, stop at stop strings, and
-stream text as it is produced."""
+"""Text in, text out: encode a prompt, decode the sampled ids, stop at end-of-sequence ids and
+stop strings, and stream text as it is produced."""
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from .detokenize import Detokenizer
 from .errors import LMForgeError
 from .models.decoding import decode_steps
 from .models.speculative import speculative_steps
 
 
-def _prompt_ids(model, tokenizer, prompt: str) -> list[int]:
+def _prompt_ids(model, tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    if not isinstance(prompt, str):  # already token ids (e.g. a rendered chat)
+        return list(prompt)
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:  # an empty prompt starts from the end-of-text token, or a newline
         eot = getattr(tokenizer, "eot_id", None)
@@ -20,17 +23,32 @@ def _prompt_ids(model, tokenizer, prompt: str) -> list[int]:
     return ids
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    cuts = [text.find(s) for s in stop if s and s in text]
-    return (text[:min(cuts)], True) if cuts else (text, False)
+def eos_ids(tokenizer, generation: Mapping | None = None) -> frozenset[int]:
+    """The ids that end a sequence: the tokenizer's end-of-text token plus a run's
+    `generation.eos_token_id` (one id or a list: instruction-tuned models end a turn with a
+    token of their own as well as end-of-text). `generation` is RUN/config.json's "generation"."""
+    ids = set()
+    eot = getattr(tokenizer, "eot_id", None)
+    if eot is not None:
+        ids.add(eot)
+    eos = (generation or {}).get("eos_token_id")
+    if isinstance(eos, int):
+        eos = [eos]
+    if eos is not None and not (isinstance(eos, list) and all(isinstance(i, int) for i in eos)):
+        raise LMForgeError(f"generation.eos_token_id must be an id or a list of ids, not {eos!r}; "
+                           "fix the run's config.json")
+    return frozenset(ids.union(eos or ()))
 
 
-def stream(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 1.0,
+def stream(model, tokenizer, prompt: str | Sequence[int], max_new_tokens: int = 100, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
            stop: Sequence[str] = (), num_samples: int = 1, draft=None,
-           draft_tokens: int = 4, draft_stats=None) -> Iterator[list[str]]:
+           draft_tokens: int = 4, draft_stats=None, stop_ids: Iterable[int] = ()) -> Iterator[list[str]]:
     """Yield, at each step, the new text of each of the num_samples continuations (a list of
-    strings, '' where a sample has finished or its bytes do not yet form a whole character).
+    strings, '' where a sample has finished or its text is held back: bytes that do not yet form
+    a whole character, or what may be the start of a stop string; shown text is never taken back).
+    prompt: text, or token ids as they are (e.g. a rendered chat). A sample ends at the
+    tokenizer's end-of-text id, at any of stop_ids (e.g. `eos_ids` of a run) or a stop string.
     draft: a smaller model with the same tokenizer for speculative decoding (it proposes
     draft_tokens tokens a round; the output is distributed as the model's own); draft_stats, a
     `SpeculativeStats`, collects how many proposals the model kept."""
@@ -40,10 +58,9 @@ def stream(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperature
     gen = None
     if seed is not None:
         gen = torch.Generator(device=device).manual_seed(seed)
-    new: list[list[int]] = [[] for _ in range(num_samples)]
-    shown = [""] * num_samples
+    end = eos_ids(tokenizer) | set(stop_ids)
+    detoks = [Detokenizer(tokenizer, stop) for _ in range(num_samples)]
     done = [False] * num_samples
-    eot = getattr(tokenizer, "eot_id", None)
     if draft is not None:
         if num_samples != 1:
             raise LMForgeError("speculative decoding makes one sample at a time; use num_samples=1 with a draft")
@@ -55,42 +72,32 @@ def stream(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperature
     for nxt in steps:
         pieces = []
         for i, t in enumerate(nxt.tolist()):
-            if done[i] or t == eot:
-                done[i] = True
+            if done[i]:
                 pieces.append("")
-                continue
-            new[i].append(t)
-            text = tokenizer.decode(new[i])
-            text, hit = _cut_at_stop(text, stop)
-            if hit:
+            elif t in end:
                 done[i] = True
-            elif text.endswith("\ufffd"):  # maybe half a character: wait for its other bytes
-                pieces.append("")
-                continue
-            pieces.append(text[len(shown[i]):])
-            shown[i] = text
+                pieces.append(detoks[i].flush())
+            else:
+                pieces.append(detoks[i].push(t))
+                done[i] = detoks[i].stopped
         yield pieces
         if all(done):
             break
-    # flush what was held back (e.g. a truly invalid byte at the very end)
-    tail = []
-    for i in range(num_samples):
-        text, _ = _cut_at_stop(tokenizer.decode(new[i]), stop)
-        tail.append(text[len(shown[i]):] if text.startswith(shown[i]) else "")
+    tail = [d.flush() for d in detoks]  # what was held back when max_new_tokens ran out
     if any(tail):
         yield tail
 
 
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 1.0,
+def generate(model, tokenizer, prompt: str | Sequence[int], max_new_tokens: int = 100, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop: Sequence[str] = (), num_samples: int = 1, draft=None,
-             draft_tokens: int = 4) -> str | list[str]:
+             draft_tokens: int = 4, stop_ids: Iterable[int] = ()) -> str | list[str]:
     """The prompt's continuation (without the prompt). With num_samples > 1, a list.
-    draft: see `stream`."""
+    draft, stop_ids: see `stream`."""
     if max_new_tokens < 0:
         raise LMForgeError("max_new_tokens must be >= 0")
     texts = [""] * num_samples
     for pieces in stream(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
-                         seed, stop, num_samples, draft, draft_tokens):
+                         seed, stop, num_samples, draft, draft_tokens, stop_ids=stop_ids):
         texts = [t + p for t, p in zip(texts, pieces)]
     return texts[0] if num_samples == 1 else texts
