@@ -17,6 +17,7 @@ COMMANDS = [
     "prepare",
     "train",
     "sample",
+    "chat",  # interactive chat with a run
     "eval",
     "plot",
     "finetune",  # finetune

@@ -13,7 +13,12 @@ def register(sub) -> None:
                        description="Continue a prompt with a trained model.")
     p.add_argument("--run", required=True, metavar="RUN", help="run directory")
     p.add_argument("--adapter", default=None, metavar="DIR", help="apply a LoRA adapter without merging")
-    p.add_argument("--prompt", default="", help="text to continue (default: start from scratch)")
+    p.add_argument("--prompt", default="", help="text to continue (default: start from scratch); "
+                                                 "with --chat, the user's message")
+    p.add_argument("--chat", action="store_true",
+                   help="treat --prompt as a user message: render it with the run's chat template (or the "
+                        "plain 'User: / Assistant:' format) and print the assistant's answer")
+    p.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message first")
     add_sampling_args(p)
     p.add_argument("--num-samples", type=int, default=1, help="independent continuations (default 1)")
     p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop a sample at any of these strings")
@@ -46,14 +51,23 @@ def load_for_inference(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..chat import chat_format
     from ..errors import LMForgeError
     from ..generation import stream
 
     if args.num_samples < 1 or args.max_new_tokens < 0:
         raise LMForgeError("--num-samples must be >= 1 and --max-new-tokens >= 0")
+    if args.system is not None and not args.chat:
+        raise LMForgeError("--system needs --chat")
     model, tok = load_for_inference(args)
+    fmt = chat_format(tok, args.run)  # the run's end-of-sequence ids, and its chat template
+    prompt, shown, stop = args.prompt, args.prompt, list(args.stop)
+    if args.chat:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = fmt.prompt_ids(tok, messages + [{"role": "user", "content": args.prompt}])
+        shown, stop = "", stop + list(fmt.stop_strings)  # print the answer only
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-              top_p=args.top_p, seed=args.seed, stop=args.stop)
+              top_p=args.top_p, seed=args.seed, stop=stop, stop_ids=fmt.eos_ids)
     stats = None
     if args.draft is not None:
         from argparse import Namespace
@@ -73,19 +87,22 @@ def run(args: argparse.Namespace) -> int:
             if args.num_samples > 1:
                 print(f"--- sample {i + 1} ---")
             seed = None if args.seed is None else args.seed + i
-            sys.stdout.write(args.prompt)
-            for pieces in stream(model, tok, args.prompt, **{**kw, "seed": seed}):
-                sys.stdout.write(pieces[0])
+            sys.stdout.write(shown)
+            started = not args.chat
+            for pieces in stream(model, tok, prompt, **{**kw, "seed": seed}):
+                piece = pieces[0] if started else pieces[0].lstrip()  # a chat answer's leading space
+                started = started or bool(piece)
+                sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
         return 0
     texts = [""] * args.num_samples
-    for pieces in stream(model, tok, args.prompt, num_samples=args.num_samples, **kw):
+    for pieces in stream(model, tok, prompt, num_samples=args.num_samples, **kw):
         texts = [t + p for t, p in zip(texts, pieces)]
     for i, text in enumerate(texts):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        print(args.prompt + text)
+        print(shown + (text.strip() if args.chat else text))
     if stats is not None:
         print(f"speculative decoding: {stats.accepted}/{stats.proposed} proposals kept "
               f"({stats.acceptance_rate:.0%}) in {stats.rounds} rounds", file=sys.stderr)

@@ -41,6 +41,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..chat import chat_format
     from ..errors import LMForgeError
     from ..serve import create_app
     from ..serve.server import serve
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(model, tok, model_name=name, api_key=api_key, max_batch=args.max_batch,
                      max_tokens_limit=args.max_tokens, max_queue=args.max_queue,
                      request_timeout=args.request_timeout or None, max_body_bytes=args.max_body_bytes,
-                     log_prompts=args.log_prompts)
+                     log_prompts=args.log_prompts,
+                     chat=chat_format(tok, args.run))  # the run's chat template and EOS ids
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{args.port}"
     print(f"serving {name!r} at {url}/v1 (playground: {url}/)"

@@ -25,7 +25,7 @@ from .engine import Engine, Handle, SamplingParams
 from .metrics import CONTENT_TYPE, Metrics, TokenClock
 from .openai_format import Formatter
 from .schemas import AttentionRequest, ChatCompletionRequest, CompletionRequest
-from .text import CHAT_STOPS, render_chat
+from ..chat import ChatFormat, chat_format
 
 MAX_PROMPTS = 64  # prompts in one completions request
 MAX_STOPS = 16
@@ -87,12 +87,16 @@ async def _merge(handles: list[Handle]):
 def create_app(model, tokenizer, model_name: str = "lmforge", api_key: str | None = None,
                max_batch: int = 16, max_tokens_limit: int | None = None, max_queue: int = 256,
                request_timeout: float | None = 600.0, max_body_bytes: int = 1 << 20,
-               log_prompts: bool = False) -> FastAPI:
+               log_prompts: bool = False, chat: ChatFormat | None = None) -> FastAPI:
     """An OpenAI-compatible app serving `model`. With `api_key`, every /v1 path needs
     `Authorization: Bearer <api_key>`. At most `max_batch` sequences decode together (a
     request's n choices count separately); n may not exceed it. Past `max_queue` waiting
     requests a new one gets 429 with Retry-After; a request still generating after
-    `request_timeout` seconds ends with finish_reason "abort"; bodies over `max_body_bytes` get 413."""
+    `request_timeout` seconds ends with finish_reason "abort"; bodies over `max_body_bytes` get 413.
+    `chat`: how the chat route renders messages and where every route stops
+    (`lmforge.chat.chat_format(tokenizer, run_dir)`: the run's own template and EOS ids); default:
+    the plain "User:/Assistant:" format."""
+    fmt_chat = chat or chat_format(tokenizer)
     engine = Engine(model, tokenizer, max_batch=max_batch)
     block = engine.block_size
     limit = min(max_tokens_limit or block, block)
@@ -154,7 +158,7 @@ def create_app(model, tokenizer, model_name: str = "lmforge", api_key: str | Non
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature,
                               top_p=req.top_p if req.top_p < 1.0 else None, top_k=req.top_k,
                               stop=tuple(stops), seed=req.seed, logprobs=logprobs,
-                              prompt_logprobs=echo and logprobs is not None)
+                              prompt_logprobs=echo and logprobs is not None, stop_ids=fmt_chat.eos_ids)
 
     # --- running it -------------------------------------------------------------------------
     async def respond(request: Request, fmt: Formatter, prompts: list[list[int]], n: int,
@@ -270,10 +274,10 @@ def create_app(model, tokenizer, model_name: str = "lmforge", api_key: str | Non
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
-        text = render_chat([(m.role, m.text()) for m in req.messages])
-        prompts = [encode(text)]
+        text = fmt_chat.render([{"role": m.role, "content": m.text()} for m in req.messages], tokenizer)
+        prompts = [fmt_chat.encode(tokenizer, text)]
         k = (req.top_logprobs or 0) if req.logprobs else None
-        p = params(req, prompts, None, req.stop_list() + list(CHAT_STOPS), k)
+        p = params(req, prompts, None, req.stop_list() + list(fmt_chat.stop_strings), k)
         fmt = Formatter("chat", tokenizer, model_name, req.n, prompts, [text], logprobs=k,
                         return_token_ids=req.return_token_ids)
         usage = bool(req.stream_options and req.stream_options.include_usage)

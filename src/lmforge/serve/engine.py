@@ -85,6 +85,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None: no log-probabilities; k: also the k most likely tokens
     prompt_logprobs: bool = False  # log-probabilities of the prompt's tokens (for echo)
+    stop_ids: frozenset[int] = frozenset()  # end-of-sequence ids besides the tokenizer's end-of-text
 
 
 @dataclass
@@ -314,7 +315,7 @@ class Engine:
         for i, (s, t) in enumerate(zip(seqs, toks.tolist())):
             if s.handle.cancelled or s.done:
                 continue
-            if t == eot:
+            if t == eot or t in s.handle.params.stop_ids:
                 self._finish(s, "stop")
                 continue
             s.last, s.generated = t, s.generated + 1
