@@ -48,7 +48,8 @@ HEADERS = """{{- bos_token }}
 {%- endif %}
 {{- system_message + "<|eot_id|>" }}
 {%- for message in messages %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}
+    {{- message['content'] | trim + '<|eot_id|>' }}
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
@@ -135,7 +136,8 @@ def hf_tokenizer(style: str) -> PreTrainedTokenizerFast:
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if adds_bos:
         bos = specials["bos_token"]
-        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tk.token_to_id(bos))])
+        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                          special_tokens=[(bos, tk.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=tk, chat_template=source, **specials)
 
 
@@ -193,7 +195,8 @@ def test_tojson_keeps_non_ascii_as_transformers_does(saved):
 
 @pytest.mark.parametrize("style, messages, message", [
     ("turns", [{"role": "assistant", "content": "first"}], "Conversation roles must alternate"),
-    ("turns", [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "Conversation roles must alternate"),
+    ("turns", [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+     "Conversation roles must alternate"),
     ("inst", [{"role": "tool", "content": "42"}], "Only system, user and assistant roles are supported, not tool!"),
 ])
 def test_raise_exception_is_a_user_error_with_the_templates_message(saved, style, messages, message):
@@ -217,7 +220,8 @@ def test_sandbox_and_bad_templates_are_user_errors():
     with pytest.raises(LMForgeError, match="at least one message"):
         ChatTemplate("x").render([])
     # loop controls, trim_blocks / lstrip_blocks, {% generation %} as transformers configures them
-    src = "{% for m in messages %}\n  {% if loop.index > 2 %}{% break %}{% endif %}\n{% generation %}[{{ m.content }}]{% endgeneration %}\n{% endfor %}"
+    src = ("{% for m in messages %}\n  {% if loop.index > 2 %}{% break %}{% endif %}\n"
+           "{% generation %}[{{ m.content }}]{% endgeneration %}\n{% endfor %}")
     msgs3 = [{"role": "user", "content": c} for c in "abc"]
     theirs = PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer("chatml").backend_tokenizer, chat_template=src)
     assert ChatTemplate(src).render(msgs3) == theirs.apply_chat_template(msgs3, tokenize=False) == "[a][b]"

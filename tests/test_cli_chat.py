@@ -19,7 +19,8 @@ from tokenizers.models import BPE  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 import lmforge  # noqa: E402
-from lmforge.chat import ChatTemplate, chat_format, read_hf_chat_template, render_plain, save_chat_template  # noqa: E402
+from lmforge.chat import (ChatTemplate, chat_format, read_hf_chat_template, render_plain,  # noqa: E402
+                          save_chat_template)
 from lmforge.checkpoint import save_run  # noqa: E402
 from lmforge.cli.main import main  # noqa: E402
 from lmforge.interop.hf_tokenizer import read_hf_tokenizer  # noqa: E402

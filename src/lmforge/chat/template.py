@@ -258,7 +258,8 @@ def load_chat_template(run_dir: str | Path) -> ChatTemplate | None:
     named, specials = extras.get("templates", {}), extras.get("special_tokens", {})
     if not isinstance(named, dict) or not isinstance(specials, dict) or \
             not all(isinstance(v, str) for v in specials.values()):
-        raise LMForgeError(f"{run_dir / EXTRAS_FILE} is not a chat template extras file; delete it or re-import the model")
+        raise LMForgeError(f"{run_dir / EXTRAS_FILE} is not a chat template extras file; "
+                           "delete it or re-import the model")
     _check_names(named, str(run_dir / EXTRAS_FILE))
     return ChatTemplate(source, named, specials)
 
