@@ -331,3 +331,14 @@ def test_cli_serve_binds_loopback_and_prints_url(run_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_max_context_caps_the_kv_cache_and_requests(loaded):
+    model, tok = loaded
+    app = create_app(model, tok, model_name=NAME, max_batch=2, max_context=32)
+    with live_server(app) as base:
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model=NAME, prompt="x" * 30, max_tokens=5)  # 35 > 32 < BLOCK
+        assert e.value.code == "context_length_exceeded" and "32" in str(e.value)
+        assert len(c.completions.create(model=NAME, prompt="x" * 20, max_tokens=5).choices[0].text) <= 5

@@ -24,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
     p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for "
                                                                   "(default: the model's context)")
+    p.add_argument("--max-context", type=int, default=4096, metavar="N",
+                   help="positions a request may use, prompt + max_tokens, at most the model's context; the "
+                        "KV cache for --max-batch rows of N positions is allocated at start (default 4096)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait for a batch row; past it, 429 with Retry-After (default 256)")
     p.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
@@ -47,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from ..serve.server import serve
     from .sample import load_for_inference
 
-    if args.max_batch < 1 or not 0 < args.port < 65536:
-        raise LMForgeError("--max-batch must be >= 1 and --port in 1..65535")
+    if args.max_batch < 1 or args.max_context < 1 or not 0 < args.port < 65536:
+        raise LMForgeError("--max-batch and --max-context must be >= 1 and --port in 1..65535")
     if args.max_queue < 0 or args.request_timeout < 0 or args.max_body_bytes < 1 or args.shutdown_timeout < 0:
         raise LMForgeError("--max-queue, --request-timeout and --shutdown-timeout must be >= 0, "
                            "--max-body-bytes >= 1")
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(model, tok, model_name=name, api_key=api_key, max_batch=args.max_batch,
                      max_tokens_limit=args.max_tokens, max_queue=args.max_queue,
                      request_timeout=args.request_timeout or None, max_body_bytes=args.max_body_bytes,
-                     log_prompts=args.log_prompts,
+                     log_prompts=args.log_prompts, max_context=args.max_context,
                      chat=chat_format(tok, args.run))  # the run's chat template and EOS ids
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{args.port}"

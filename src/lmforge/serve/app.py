@@ -87,17 +87,19 @@ async def _merge(handles: list[Handle]):
 def create_app(model, tokenizer, model_name: str = "lmforge", api_key: str | None = None,
                max_batch: int = 16, max_tokens_limit: int | None = None, max_queue: int = 256,
                request_timeout: float | None = 600.0, max_body_bytes: int = 1 << 20,
-               log_prompts: bool = False, chat: ChatFormat | None = None) -> FastAPI:
+               log_prompts: bool = False, max_context: int | None = None,
+               chat: ChatFormat | None = None) -> FastAPI:
     """An OpenAI-compatible app serving `model`. With `api_key`, every /v1 path needs
     `Authorization: Bearer <api_key>`. At most `max_batch` sequences decode together (a
     request's n choices count separately); n may not exceed it. Past `max_queue` waiting
     requests a new one gets 429 with Retry-After; a request still generating after
     `request_timeout` seconds ends with finish_reason "abort"; bodies over `max_body_bytes` get 413.
-    `chat`: how the chat route renders messages and where every route stops
-    (`lmforge.chat.chat_format(tokenizer, run_dir)`: the run's own template and EOS ids); default:
-    the plain "User:/Assistant:" format."""
+    `max_context` caps the positions a request may use (prompt + max_tokens) below the model's
+    block_size, and with them the KV cache allocated for max_batch rows. `chat`: how the chat route
+    renders messages and where every route stops (`lmforge.chat.chat_format(tokenizer, run_dir)`:
+    the run's own template and EOS ids); default: the plain "User:/Assistant:" format."""
     fmt_chat = chat or chat_format(tokenizer)
-    engine = Engine(model, tokenizer, max_batch=max_batch)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_context=max_context)
     block = engine.block_size
     limit = min(max_tokens_limit or block, block)
     page = resources.files("lmforge.serve").joinpath("static/playground.html").read_text(encoding="utf-8")

@@ -160,14 +160,16 @@ class EngineStats:
 class Engine:
     """Runs `model` on a background thread over up to `max_batch` sequences at once."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 16):
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_context: int | None = None):
         if not hasattr(model, "make_cache"):
             from ..errors import LMForgeError
 
             raise LMForgeError(f"serving needs a decoder model with a KV cache (gpt); got {type(model).__name__}")
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
         self.device = next(model.parameters()).device
-        self.block_size: int = model.config.block_size
+        # the KV cache holds max_batch x block_size positions per layer, allocated up front: an
+        # imported Llama 3 (131,072 positions) would need tens of GB, so a server may cap it
+        self.block_size: int = min(model.config.block_size, max_context or model.config.block_size)
         self.cache = SlotKVCache(model.config.n_layer, max_batch, *self._kv_shape(model),
                                  max_len=self.block_size, device=self.device,
                                  dtype=next(model.parameters()).dtype)
