@@ -271,11 +271,19 @@ def test_a_tokenizer_json_of_the_llama3_style_comes_back_out(tmp_path):
     d = tmp_path / "hf"
     model.save_pretrained(d)
     tk.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}</s>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                         "chat_template": template}))
     assert main(["import-hf", str(d), "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "chat_template.jinja").read_text() == template  # kept in the run
     assert main(["export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
     text = "the lazy fox, 2024 jumps! über 東京"
     back = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert back(text)["input_ids"] == tk.encode(text).ids  # BOS included, as the original adds it
+    chat = [{"role": "system", "content": "be brief "}, {"role": "user", "content": "the fox?"}]
+    original = AutoTokenizer.from_pretrained(d)
+    assert back.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        original.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)  # the template went out
     gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert gen["bos_token_id"] == model.config.bos_token_id  # what the checkpoint said, kept

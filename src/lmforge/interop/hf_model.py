@@ -23,6 +23,8 @@ from typing import Any, Iterator
 import torch
 from safetensors import safe_open
 
+from ..chat.template import (ChatTemplate, load_chat_template, read_hf_chat_template, save_chat_template,
+                             write_hf_chat_template)
 from ..checkpoint import RUN_FORMAT, read_run_config
 from ..errors import LMForgeError
 from ..fileio import read_json, write_json
@@ -97,14 +99,16 @@ def read_generation(directory: Path, hf: dict[str, Any]) -> dict[str, Any]:
     return out | {k: gen[k] for k in GENERATION_KEYS if gen.get(k) is not None}
 
 
-def read_tokenizer(directory: Path) -> Tokenizer:
-    """The one place tokenizer files are read on import (a chat template will join it here)."""
-    return read_hf_tokenizer(directory)
+def read_tokenizer(directory: Path) -> tuple[Tokenizer, ChatTemplate | None]:
+    """The one place tokenizer files are read on import: the tokenizer and its chat template."""
+    return read_hf_tokenizer(directory), read_hf_chat_template(directory)
 
 
-def write_tokenizer(tok: Tokenizer, directory: Path, cfg: GPTConfig) -> None:
-    """The one place tokenizer files are written on export."""
+def write_tokenizer(tok: Tokenizer, chat: ChatTemplate | None, directory: Path, cfg: GPTConfig) -> None:
+    """The one place tokenizer files are written on export (with the chat template, if any)."""
     write_hf_tokenizer(tok, directory, model_max_length=cfg.block_size)
+    if chat is not None:
+        write_hf_chat_template(chat, directory)
 
 
 def check_weights(weights: HFWeights, family: Family, plan, cfg: GPTConfig) -> dict[str, str]:
@@ -145,7 +149,7 @@ def import_hf(directory: str | Path, out: str | Path, tokenizer_dir: str | Path 
     if dtype is not None and dtype not in DTYPES:
         raise LMForgeError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     family, cfg, hf = read_hf_config(directory)
-    tokenizer = read_tokenizer(Path(tokenizer_dir) if tokenizer_dir is not None else directory)
+    tokenizer, chat = read_tokenizer(Path(tokenizer_dir) if tokenizer_dir is not None else directory)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise LMForgeError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}; "
                            "they do not belong together")
@@ -173,6 +177,8 @@ def import_hf(directory: str | Path, out: str | Path, tokenizer_dir: str | Path 
     with staged_dir(out) as tmp:
         write_safetensors(tmp / "model.safetensors", specs, produce)
         tokenizer.save(tmp / "tokenizer.json")
+        if chat is not None:
+            save_chat_template(chat, tmp)
         write_json(tmp / "config.json", run_config)
         if lora is not None and adapter_out is None:
             write_imported_adapter(lora, cfg, run_config, tmp / "adapter", base_run=out, source=adapter)
@@ -246,7 +252,7 @@ def export_hf(run: str | Path, out: str | Path, adapter: str | Path | None = Non
                    {"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": hf_cfg["eos_token_id"],
                     **{k: gen[k] for k in GENERATION_KEYS if k in gen}})
         if tok is not None:
-            write_tokenizer(tok, tmp, cfg)
+            write_tokenizer(tok, load_chat_template(run), tmp, cfg)
     if adapter is not None:
         export_peft_adapter(run, adapter, Path(adapter_out) if adapter_out is not None else out / "adapter",
                             base=out, family=family)
