@@ -24,6 +24,7 @@ COMMANDS = [
     "merge",  # merge a LoRA adapter into its base
     "translate",  # translate, translate train/eval/demo
     "interop",  # import-hf, export-hf
+    "gguf",  # export-gguf
     "serve",
     "bench",
 ]
