@@ -184,3 +184,35 @@ def test_int4_model_stays_close_and_keeps_odd_widths_in_int8(model):
     assert q.generate(idx, 5, temperature=0.0).shape == (1, 13)
     odd = prepare_for_decoding(torch.nn.Sequential(torch.nn.Linear(48, 16)), int4=True, group_size=32)
     assert isinstance(odd[0], Int8Linear)  # 48 inputs are not whole groups of 32
+
+
+@pytest.mark.skipif(not can_pack(torch.ones(1, dtype=torch.bfloat16)), reason="oneDNN packing needs a CPU build with mkldnn")
+def test_loading_a_packed_bf16_run_holds_its_weights_about_once(tmp_path):
+    """A fresh process loads a ~350 MB bf16 run with every linear packed: its resident memory
+    above the floor stays near the checkpoint's size S (a packed layer keeps `weight` only as an
+    unread mapping of the file), where keeping both layouts would hold about 2 S."""
+    import subprocess
+    import sys
+
+    from lmforge.checkpoint import save_run
+    from lmforge.tokenizers import CharTokenizer
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=4, n_head=16, n_embd=2048, **LLAMA)).to(torch.bfloat16)
+    save_run(tmp_path, model, CharTokenizer.train("abcdefgh"))
+    size = (tmp_path / "model.safetensors").stat().st_size
+    code = f"""
+import torch, lmforge
+from lmforge.checkpoint import load_run
+import lmforge.checkpoint as c
+def rss(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+floor = rss("VmRSS")
+orig = c.prepare_for_decoding
+c.prepare_for_decoding = lambda m, **kw: orig(m, packed=True, **kw)
+m, _ = load_run({str(tmp_path)!r})
+assert sum(type(x).__name__ == "PackedLinear" for x in m.modules()) == 4 * 4 + 1  # and the LM head
+print(rss("VmHWM") - floor)
+"""
+    above = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert above < 1.4 * size, f"{above / size:.2f} x S resident at the peak"

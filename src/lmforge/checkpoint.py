@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .adapters import ADAPTER_WEIGHTS, adapter_fingerprint, load_adapter, read_adapter_config
@@ -57,6 +58,38 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise LMForgeError(f"{path} is not a readable safetensors file ({e}); the checkpoint is corrupt")
 
 
+def _mapped_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The file's tensors, each memory-mapped through its own handle: a page is read when a
+    tensor is first used, and a tensor that is later replaced (re-laid out for decoding,
+    converted to another dtype) takes its mapping with it. One shared mapping would keep every
+    page it ever read resident until the last tensor goes: twice the weights at the peak."""
+    read_weights(path)  # the checks and their errors; maps the file without reading it
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+    state = {}
+    for name in names:
+        with safe_open(str(path), framework="pt") as f:
+            state[name] = f.get_tensor(name)
+    return state
+
+
+def _unmap_packed_source(model: torch.nn.Module, path: Path) -> Callable[[Any], None]:
+    """A PackedLinear decodes from its packed copy and keeps `weight` only for state_dict and
+    tying. Packing read every page of the weight's mapping; pointing `weight` at a fresh mapping
+    of the same bytes, not yet read, lets those pages go at once. Without it a packed bf16 model
+    holds its weights twice (about 2 S resident for an S-byte checkpoint)."""
+    names = {p.data_ptr(): n for n, p in model.named_parameters() if p.device.type == "cpu"}
+
+    def release(layer) -> None:
+        name = names.get(layer.weight.data_ptr())  # None once converted to another dtype
+        if name is not None:
+            with safe_open(str(path), framework="pt") as f:
+                fresh = f.get_tensor(name)
+            if fresh.dtype == layer.weight.dtype and fresh.shape == layer.weight.shape:
+                layer.weight.data = fresh
+    return release
+
+
 @contextmanager
 def params_on_meta() -> Iterator[None]:
     """Build a model whose parameters take no memory, to be assigned from a file next
@@ -79,10 +112,10 @@ def params_on_meta() -> Iterator[None]:
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Copy the file's weights into `model`; a model built under `params_on_meta` takes the
     file's tensors themselves (and their dtype), so loading holds one copy of the weights."""
-    state = read_weights(path)
     if any(p.is_meta for p in model.parameters()):
-        _assign_weights(path, model, state)
+        _assign_weights(path, model, _mapped_weights(path))
         return
+    state = read_weights(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {n for n in missing if _is_tied(model, n)}
     missing = [n for n in missing if n not in tied]
@@ -162,7 +195,7 @@ def load_run(run_dir: str | Path, adapter: str | Path | None = None,
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     model.to(device=device)
     if inference:
-        prepare_for_decoding(model, dtype=dtype)
+        prepare_for_decoding(model, dtype=dtype, on_packed=_unmap_packed_source(model, run_dir / "model.safetensors"))
     elif dtype is not None:
         model.to(dtype=dtype)
     model.eval()
@@ -182,9 +215,14 @@ def merge_adapter_into_run(base_run: str | Path, adapter: str | Path, out_dir: s
     adapter_dir, _ = read_adapter_config(adapter)
     model, tokenizer = load_run(base_run, adapter=adapter_dir, inference=False)
     merge_lora(model, unload=True)
-    extra = {k: base_cfg[k] for k in ("preset", "data") if k in base_cfg}
+    extra = {k: base_cfg[k] for k in ("preset", "data", "generation") if k in base_cfg}
     extra["merged_adapters"] = [*base_cfg.get("merged_adapters", []),
                                 adapter_fingerprint(adapter_dir / ADAPTER_WEIGHTS)]
     extra["merged_from"] = {"base_run": str(base_run.resolve()), "adapter": str(adapter_dir.resolve())}
+    from .chat.template import load_chat_template, save_chat_template
+
+    template = load_chat_template(base_run)
+    if template is not None:  # the merged run chats in its base's format
+        save_chat_template(template, out_dir)
     save_run(out_dir, model, tokenizer, extra)
     return out_dir

@@ -4,7 +4,7 @@ cache, then feed one token at a time."""
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +121,8 @@ def packing_is_faster(weight: torch.Tensor, margin: float = 1.1) -> bool:
 
 @torch.no_grad()
 def prepare_for_decoding(model: nn.Module, dtype: torch.dtype | None = None, int8: bool = False,
-                         packed: bool | None = None, int4: bool = False, group_size: int = 64) -> nn.Module:
+                         packed: bool | None = None, int4: bool = False, group_size: int = 64,
+                         on_packed: Callable[[PackedLinear], None] | None = None) -> nn.Module:
     """Re-lay a model's weights for fast token-by-token inference, in place; returns it in eval
     mode. For inference only; outputs are unchanged up to float rounding.
     - dtype: e.g. torch.bfloat16 halves the bytes read per token; on a CPU each plain nn.Linear
@@ -132,7 +133,9 @@ def prepare_for_decoding(model: nn.Module, dtype: torch.dtype | None = None, int
       stays the usual (out, in) tensor as a view, so names, tying and state_dict are unchanged);
     - int8: replace each plain nn.Linear by an Int8Linear (weight-only quantisation);
     - int4: by an Int4Linear (group-wise scales, `group_size` inputs per group; CPU), or by an
-      Int8Linear where its input width is not a multiple of group_size."""
+      Int8Linear where its input width is not a multiple of group_size.
+    `on_packed` is called with each new PackedLinear, before the next layer is laid out (the
+    loader uses it to let go of the pages the packing read)."""
     if int8 and int4:
         raise ValueError("choose int8 or int4, not both")
     if dtype is not None:
@@ -157,6 +160,8 @@ def prepare_for_decoding(model: nn.Module, dtype: torch.dtype | None = None, int
                 setattr(parent, name, Int8Linear(child))
             elif pack(w):
                 setattr(parent, name, PackedLinear(child))
+                if on_packed is not None:
+                    on_packed(getattr(parent, name))
             elif w.is_contiguous() and (w.dtype == torch.float32
                                         or (w.dtype == torch.bfloat16 and w.device.type == "cpu")):
                 child.weight.data = w.data.t().contiguous().t()  # (out, in) view of (in, out)
