@@ -155,8 +155,8 @@ class MultiHeadAttention(nn.Module):
         mask: bool broadcastable to (B, nh, T, S), True = may attend (e.g. padding).
         rope: (cos, sin) for x's positions. cache: keys/values of earlier positions.
         kv: cross-attention only, `project_kv(memory)` computed earlier (memory is then unused).
-        positions: (T,) or (B, T), the queries' positions, for a sliding window (default: the
-        last T of the keys' positions, as with a KVCache)."""
+        positions: (T,) or (B, T), the queries' positions, for a sliding window over a KV cache
+        (default: the last T of the keys' positions; without a cache, always the tokens' slots)."""
         B, T, C = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         if self.cross:
@@ -178,7 +178,9 @@ class MultiHeadAttention(nn.Module):
         causal = self.causal and not self.cross
         t_k = k.shape[2]
         if self.window is not None and t_k > self.window:  # shorter: no key is out of the window
-            if positions is None:
+            if positions is None or cache is None:
+                # without a cache the keys are this call's own tokens, so the window counts their
+                # slots: a packed row's positions restart at each example, its slots do not
                 positions = torch.arange(t_k - T, t_k, device=x.device)  # (T,)
             window = sliding_window_mask(positions, t_k, self.window)  # (T, S) or (B, 1, T, S)
             mask = window if mask is None else mask & window

@@ -12,6 +12,10 @@ Two methods:
 
 Both write OUT/finetune.json: the method, the base run (path and the sha256 of its weights)
 and the settings, which is what `--resume` reads back.
+
+The data is a prepared directory (`lmforge prepare`: next-token batches over running text), or
+an instruction file (chat, prompt/completion or Alpaca records, `lmforge.sft`): rendered with
+the base run's chat format, loss on the answers only, padded or packed batches.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 
 from ..adapters import load_adapter_weights, save_adapter
+from ..chat import chat_format, load_chat_template, save_chat_template
 from ..checkpoint import load_weights, read_run_config
 from ..config import parse_overrides
 from ..data import TokenBatches, TokenData
@@ -30,6 +35,7 @@ from ..errors import LMForgeError
 from ..fileio import read_json, write_json
 from ..models import build_model
 from ..nn.lora import LoRAConfig, apply_lora, lora_report
+from ..sft.options import SFTOptions, build_sft_batches, data_fingerprint
 from ..tokenizers import load_tokenizer
 from .config import TrainConfig
 from .setup import finish_setup, read_toml, split_settings
@@ -62,6 +68,9 @@ class FinetuneTrainer(Trainer):
     def save_model(self, weights: dict[str, torch.Tensor] | None = None) -> None:
         if self.method == "full":
             super().save_model(weights)
+            template = load_chat_template(self.record["base_run"])
+            if template is not None:  # the fine-tuned run chats in its base's format
+                save_chat_template(template, self.out_dir)
         else:
             save_adapter(self.model, self.out_dir, self.base_config,
                          extra={"base_run": self.record["base_run"]})
@@ -95,13 +104,37 @@ def _read_record(out_dir: Path) -> dict[str, Any]:
     return record
 
 
+def _sft_options(data: Path, given: dict[str, Any] | None, record: dict[str, Any] | None) -> SFTOptions | None:
+    """The instruction-data options for a data file (None for a prepared directory): those given,
+    on resume on top of those recorded, which they may not change."""
+    given = {k: v for k, v in (given or {}).items() if v is not None and v is not False}
+    if "val" in given:
+        given["val"] = str(Path(given["val"]).resolve())
+    if not data.is_file():
+        if given:
+            raise LMForgeError(f"--{next(iter(given)).replace('_', '-')} applies to an instruction data file "
+                               f"(chat, prompt/completion or Alpaca JSON/JSONL), and {data} is a directory")
+        return None
+    if record is None:
+        return SFTOptions.from_dict(given)
+    recorded = SFTOptions.from_dict({k: v for k, v in (record.get("sft") or {}).items()
+                                     if k not in ("data_sha256", "val_sha256")})
+    changed = [k for k, v in given.items() if getattr(recorded, k) != v]
+    if changed:
+        raise LMForgeError(f"--{changed[0].replace('_', '-')} differs from the run being resumed; drop it")
+    return recorded
+
+
 def build_finetune_trainer(base_run: str | Path | None, data_dir: str | Path, out_dir: str | Path,
                            method: str | None = None, lora: LoRAConfig | None = None,
                            config_file: str | None = None, overrides: list[str] | None = None,
-                           resume: bool = False, progress: bool = True, verbose: bool = True) -> FinetuneTrainer:
+                           resume: bool = False, progress: bool = True, verbose: bool = True,
+                           sft: dict[str, Any] | None = None) -> FinetuneTrainer:
     """Everything `lmforge finetune` does before the loop starts. On resume, the method, base
     run and LoRA settings come from OUT/finetune.json; --set may change training settings.
-    `method` is lora (the default for a new run) or full."""
+    `method` is lora (the default for a new run) or full.
+    data_dir: a prepared directory, or an instruction file; `sft` then holds SFTOptions' fields
+    (val, max_length, overlong, train_on_prompt, pack)."""
     out_dir = Path(out_dir)
     overrides = list(overrides or [])
     if resume:
@@ -153,8 +186,22 @@ def build_finetune_trainer(base_run: str | Path | None, data_dir: str | Path, ou
                            "tiny, so run LoRA data-parallel (drop --set fsdp=true)")
 
     tokenizer = load_tokenizer(base_run / "tokenizer.json")
-    data = TokenData(data_dir)
-    data.check_tokenizer(tokenizer)
+    sft_opts = _sft_options(Path(data_dir), sft, record if resume else None)
+    sft_record = None
+    if sft_opts is None:
+        data = TokenData(data_dir)
+        data.check_tokenizer(tokenizer)
+    else:  # read and check every record before anything is built or written
+        if sft_opts.pack and kind != "gpt":
+            raise LMForgeError(f"--pack needs a GPT run (it masks attention between examples); {base_run} is {kind}")
+        sft_record = {**sft_opts.to_dict(), **data_fingerprint(data_dir, sft_opts)}
+        hashes = ("data_sha256", "val_sha256")
+        if resume and [sft_record[k] for k in hashes] != [(record.get("sft") or {}).get(k) for k in hashes]:
+            raise LMForgeError(f"the data file {data_dir} (or --val) changed since {out_dir} was trained; "
+                               f"resuming needs the same examples")
+        batches = build_sft_batches(data_dir, sft_opts, tokenizer, chat_format(tokenizer, base_run),
+                                    base_cfg["model_config"]["block_size"], train_cfg.batch_size,
+                                    train_cfg.seed, verbose)
 
     torch.manual_seed(train_cfg.seed)  # the same seed gives the same adapter initialisation
     model = build_model(kind, {**base_cfg["model_config"], **model_part})
@@ -170,10 +217,13 @@ def build_finetune_trainer(base_run: str | Path | None, data_dir: str | Path, ou
 
     record = {"format": FINETUNE_FORMAT, "version": 1, "method": method, "base_run": str(base_run),
               "base_weights_sha256": base_sha, "data": str(Path(data_dir).resolve()),
-              "model_overrides": model_part, "lora": lora.to_dict() if lora else None}
+              "model_overrides": model_part, "lora": lora.to_dict() if lora else None,
+              "sft": sft_record}
     run_extra = {"preset": base_cfg.get("preset"), "data": record["data"],
-                 "finetune": {"method": method, "base_run": str(base_run)}}
-    batches = TokenBatches(data, train_cfg.batch_size, model.config.block_size, seed=train_cfg.seed)
+                 "finetune": {"method": method, "base_run": str(base_run)},
+                 **({"generation": base_cfg["generation"]} if "generation" in base_cfg else {})}
+    if sft_opts is None:
+        batches = TokenBatches(data, train_cfg.batch_size, model.config.block_size, seed=train_cfg.seed)
     trainer = FinetuneTrainer(model, batches, train_cfg, out_dir, tokenizer, run_extra=run_extra,
                               progress=progress, method=method, base_config=base_cfg, record=record)
     return finish_setup(trainer, batches, resume, verbose)
