@@ -17,7 +17,7 @@ from lmforge.cli.main import main
 from lmforge.errors import LMForgeError
 from lmforge.generation import eos_ids
 from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.sft import SFTBatches, collate, hold_out, load_examples, read_conversations
+from lmforge.sft import SFTBatches, answer, collate, exact_match, hold_out, load_examples, read_conversations
 from lmforge.sft.render import encode_conversation
 from lmforge.tokenizers import BPETokenizer, CharTokenizer
 from lmforge.train.finetune import build_finetune_trainer
@@ -146,6 +146,15 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, runs, capsys, case)
     assert rc == 2 and not out.exists()
     assert err.count("\n") == 1 and message in err
     assert (f"{data}:{line}:" if line else f"{data}:") in err
+
+
+def test_missing_file_and_byte_order_mark(tmp_path, runs, tok, capsys):
+    rc = main(["finetune", "--base", str(runs["plain"]), "--data", str(tmp_path / "nope.jsonl"), "--out",
+               str(tmp_path / "out"), *FAST])
+    assert rc == 2 and "data file not found" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + (GOOD + "\n").encode())
+    assert len(read_conversations(bom)) == 1
 
 
 def test_sft_options_need_a_file(tmp_path, runs, capsys):
@@ -371,6 +380,25 @@ def test_default_mask_leaves_the_prompt_nearly_unlearned(tmp_path, tok, runs):
 
 
 # --- using the result ---------------------------------------------------------------------------------
+
+def test_answers_scored_by_exact_match(tmp_path, runs, tok):
+    rng = random.Random(0)
+    records = [chat(f"Repeat the word {w}.", w) for w in (rng.choice(["apple", "river", "stone", "cloud"])
+                                                          for _ in range(60))]
+    data = write_jsonl(tmp_path / "copy.jsonl", records)
+    fmt = chat_format(tok, runs["plain"])
+    exs = load_examples(data, tok, fmt, max_length=64).examples[:8]
+    base, _ = load_run(runs["plain"])
+    assert exact_match(base, tok, fmt, exs, max_new_tokens=8) == 0.0
+    tr = build_finetune_trainer(runs["plain"], data, tmp_path / "o", "full",
+                                overrides=["max_iters=60", "eval_interval=60", "eval_iters=1", "batch_size=8",
+                                           "learning_rate=1e-2", "warmup_iters=0"], progress=False, verbose=False)
+    tr.fit()
+    model = tr.model.eval()
+    assert exact_match(model, tok, fmt, exs, max_new_tokens=8) == 1.0  # it answers, then stops at end-of-text
+    msgs = exs[0].conversation.messages
+    assert answer(model, tok, fmt, msgs[:-1], 8) == msgs[-1]["content"]
+
 
 def test_lora_from_chat_data_chat_merge_and_resume(tmp_path, runs, tok, capsys, monkeypatch):
     base = runs["chatml"]

@@ -123,7 +123,7 @@ def read_records(path: str | Path) -> Iterator[tuple[Any, str]]:
     if not path.is_file():
         raise LMForgeError(f"data file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is dropped
     except UnicodeDecodeError as e:
         raise LMForgeError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     if text.lstrip().startswith("["):

@@ -110,6 +110,8 @@ def _sft_options(data: Path, given: dict[str, Any] | None, record: dict[str, Any
     given = {k: v for k, v in (given or {}).items() if v is not None and v is not False}
     if "val" in given:
         given["val"] = str(Path(given["val"]).resolve())
+    if not data.exists() and data.suffix.lower() in (".json", ".jsonl"):
+        raise LMForgeError(f"data file not found: {data}")
     if not data.is_file():
         if given:
             raise LMForgeError(f"--{next(iter(given)).replace('_', '-')} applies to an instruction data file "
