@@ -26,6 +26,7 @@ BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_l
             max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+PEFT_TARGETS = {"phi3": ["qkv_proj", "down_proj"]}  # PEFT's names of the modules a test adapter sits on
 FAMILIES = {  # name -> (config class, settings that switch the family's features on)
     "llama-tied": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_parameters=LLAMA3)),
     "llama-untied": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=False)),
@@ -155,7 +156,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, tokenizer, ca
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no staging directory left either
 
 
-@pytest.mark.parametrize("name", ["llama-untied", "qwen2"])
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_peft_adapters_both_ways(tmp_path, tokenizer, name):
     """lmforge's fused qkv / gate-up LoRA -> PEFT's q_proj, k_proj, ... (one A, B split by rows),
     and a PEFT adapter on q_proj + v_proj + down_proj -> lmforge (block-diagonal B at rank 2r)."""
@@ -182,7 +183,8 @@ def test_peft_adapters_both_ways(tmp_path, tokenizer, name):
         assert max_diff(model.eval()(ids), theirs(input_ids=ids).logits) <= TOL
 
     made = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0,
-                                                   target_modules=["q_proj", "v_proj", "down_proj"]))
+                                                   target_modules=PEFT_TARGETS.get(name, ["q_proj", "v_proj",
+                                                                                          "down_proj"])))
     with torch.no_grad():
         for n, p in made.named_parameters():
             if "lora_B" in n:
@@ -192,6 +194,32 @@ def test_peft_adapters_both_ways(tmp_path, tokenizer, name):
     ours, _ = load_run(tmp_path / "run2", adapter=tmp_path / "run2" / "adapter")
     with torch.no_grad():
         assert max_diff(ours(ids), made.eval()(input_ids=ids).logits) <= TOL
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_lora_finetune_and_merge_on_every_family(tmp_path, tokenizer, name):
+    """`lmforge finetune` (LoRA on every linear) trains on each family, and `lmforge merge` folds
+    the adapter in: the merged run's export gives transformers the adapted model's logits."""
+    hf, d = hf_dir(tmp_path, name, tokenizer)
+    assert main(["import-hf", str(d), "--out", str(tmp_path / "run"), "--dtype", "float32"]) == 0
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog.\n" * 400)
+    assert main(["prepare", "--input", str(tmp_path / "a.txt"), "--tokenizer", str(tmp_path / "run" / "tokenizer.json"),
+                 "--out", str(tmp_path / "data"), "--no-progress"]) == 0
+    assert main(["finetune", "--base", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "ad"), "--lora-targets", "all-linear", "--no-progress",
+                 "--set", "max_iters=8", "eval_interval=4", "eval_iters=1", "batch_size=2",
+                 "learning_rate=3e-2", "warmup_iters=0"]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "ad" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert losses[-1] < losses[0]  # it learned something of the new text
+    assert main(["merge", "--base", str(tmp_path / "run"), "--adapter", str(tmp_path / "ad"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    adapted, _ = load_run(tmp_path / "run", adapter=tmp_path / "ad", inference=False)
+    assert main(["export-hf", str(tmp_path / "merged"), "--out", str(tmp_path / "out")]) == 0
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(3, VOCAB, (2, 24))
+    with torch.no_grad():
+        assert max_diff(adapted.eval()(ids), theirs(input_ids=ids).logits) <= TOL
 
 
 def test_sliding_window_mask_is_the_band_p_minus_w_to_p():
