@@ -162,6 +162,11 @@ def test_sft_options_need_a_file(tmp_path, runs, capsys):
     rc = main(["finetune", "--base", str(runs["plain"]), "--data", str(tmp_path / "dir"), "--out",
                str(tmp_path / "out"), "--pack", *FAST])
     assert rc == 2 and "--pack applies to an instruction data file" in capsys.readouterr().err
+    data = write_jsonl(tmp_path / "d.jsonl", sums(4))
+    rc = main(["finetune", "--base", str(runs["plain"]), "--data", str(data), "--out", str(tmp_path / "out"),
+               "--max-length", "65", *FAST])
+    assert rc == 2 and "--max-length must be between 2 and the model's block_size 64" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # --- the answer mask, per template style ----------------------------------------------------------
