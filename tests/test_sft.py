@@ -250,6 +250,34 @@ def test_mask_every_template_style(tmp_path):
         check_mask(ex, tk, [before + a + after for a in ANSWERS], prompts)
 
 
+GENERATION_CHATML = (
+    "{%- for message in messages %}{%- if message['role'] == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_mask_equals_transformers_assistant_mask(tmp_path):
+    """A template that marks its answers with {% generation %} lets transformers compute the
+    assistant mask itself (return_assistant_tokens_mask): ours, found from the rendering alone,
+    must be the same token for token."""
+    pytest.importorskip("transformers")
+    from test_chat_template import hf_tokenizer
+
+    from lmforge.chat import read_hf_chat_template
+    from lmforge.interop.hf_tokenizer import read_hf_tokenizer
+
+    hf = hf_tokenizer("chatml")
+    hf.chat_template = GENERATION_CHATML
+    hf.save_pretrained(tmp_path)
+    theirs = hf.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    tk, fmt = read_hf_tokenizer(tmp_path), ChatFormat(read_hf_chat_template(tmp_path))
+    ex = encode_conversation(_convs([{"messages": CONVERSATION}])[0], tk, fmt)
+    assert ex.ids.tolist() == list(theirs["input_ids"])
+    assert ex.answer.astype(int).tolist() == list(theirs["assistant_masks"])
+    assert sum(theirs["assistant_masks"]) > 10
+
+
 # --- batches ------------------------------------------------------------------------------------
 
 def _examples(tok, n=12, train_on_prompt=False):
