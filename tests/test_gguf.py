@@ -33,7 +33,7 @@ from lmforge.tokenizers import BPETokenizer, CharTokenizer  # noqa: E402
 
 TOL, GELU_TOL = 1e-3, 5e-3
 EOT = "<|endoftext|>"
-MULTILINGUAL = [
+MULTILINGUAL = [  # NFC text (llama.cpp applies no normalizer; Qwen's files NFC-normalize)
     "Grüße aus München! Straße, naïve café", "你好，世界！我们今天训练一个分词器。日本語のテキスト",
     "مرحبا بالعالم، كيف حالك؟", "नमस्ते दुनिया, यह एक परीक्षण है।", "Emoji: 👩‍👩‍👧 🇩🇪 👍🏽 🙂🚀✨",
     "x" * 50 + "   \n\n\n\t\t  " + "1234567890" * 3 + " 3.14159, 1,000,000",
@@ -232,17 +232,20 @@ def test_trained_model_f32_f16_bf16_q8_0(tmp_path, tokenizer, text, monkeypatch,
 
 
 # --- tokenizers ------------------------------------------------------------------------------------
-def hf_byte_level(text, tmp_path):
-    """A Llama 3-style tokenizer.json (Split regex + ByteLevel, ignore_merges, BOS template) made by
-    the tokenizers library."""
+def hf_byte_level(text, tmp_path, style):
+    """A tokenizer.json made by the tokenizers library: Llama 3's (Split regex + ByteLevel,
+    ignore_merges, BOS template) or Qwen2's (one-digit regex, NFC normalizer, merges always)."""
     tk = pytest.importorskip("tokenizers")
-    from tokenizers import Regex, decoders, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors, trainers
     from tokenizers.models import BPE
 
-    from lmforge.interop.gguf_tokenizer import LLAMA3_SPLIT
+    from lmforge.interop.gguf_tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT
     bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
-    t = tk.Tokenizer(BPE(ignore_merges=True))
-    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+    t = tk.Tokenizer(BPE(ignore_merges=style == "hf-llama3"))
+    if style == "hf-qwen2":
+        t.normalizer = normalizers.NFC()
+    split = LLAMA3_SPLIT if style == "hf-llama3" else QWEN2_SPLIT
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"),
                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     t.decoder = decoders.ByteLevel()
     t.train_from_iterator([text], trainers.BpeTrainer(vocab_size=600, special_tokens=[bos, eos], show_progress=False,
@@ -286,12 +289,16 @@ def hf_sentencepiece(text, tmp_path):
     return read_hf_tokenizer(tmp_path)
 
 
-@pytest.mark.parametrize("style", ["bpe-gpt2", "bpe-gpt4", "hf-llama3", "hf-sentencepiece"])
+PRE = {"bpe-gpt2": "gpt-2", "bpe-gpt4": "llama-bpe", "hf-llama3": "llama-bpe", "hf-qwen2": "qwen2",
+       "hf-sentencepiece": "default"}
+
+
+@pytest.mark.parametrize("style", ["bpe-gpt2", "bpe-gpt4", "hf-llama3", "hf-qwen2", "hf-sentencepiece"])
 def test_llama_cpp_tokenizes_as_lmforge(tmp_path, text, style):
     if style.startswith("bpe"):
         tok = BPETokenizer.train(text, 500, pattern=style.removeprefix("bpe-"))
     else:
-        tok = (hf_byte_level if style == "hf-llama3" else hf_sentencepiece)(text, tmp_path)
+        tok = hf_sentencepiece(text, tmp_path) if style == "hf-sentencepiece" else hf_byte_level(text, tmp_path, style)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32))
     save_run(tmp_path / "run", model, tok)
     export_gguf(tmp_path / "run", tmp_path / "t.gguf", "f32")
@@ -302,6 +309,7 @@ def test_llama_cpp_tokenizes_as_lmforge(tmp_path, text, style):
             assert llm.tokenize(t.encode(), add_bos=False, special=True) == tok.encode(t), t
         assert (llm.token_bos() if tok.bos_id is not None else None) == tok.bos_id
         assert llm.metadata["tokenizer.ggml.add_bos_token"] == str(tok.add_bos).lower()
+        assert llm.metadata["tokenizer.ggml.pre"] == PRE[style]
     finally:
         llm.close()
 

@@ -30,6 +30,8 @@ multiple of 32 stay f16)."""
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Mapping
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
@@ -154,7 +156,7 @@ def rope_freq_divisors(cfg: GPTConfig) -> torch.Tensor:
     return (inv_freq / llama3_frequencies(inv_freq, *cfg.llama3_rope)).float()
 
 
-def gguf_tensors(cfg: GPTConfig, arch: str, weights: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def gguf_tensors(cfg: GPTConfig, arch: str, weights: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """(GGUF name, float32 tensor) for every tensor llama.cpp's `arch` loads."""
     seen = set()
     nkv, qdim, kvdim = cfg.n_kv_head or cfg.n_head, cfg.n_head * cfg.head_size, (cfg.n_kv_head or cfg.n_head) * cfg.head_size
@@ -244,14 +246,14 @@ def export_gguf(run: str | Path, out: str | Path, qtype: str = "f16") -> Path:
     arch = gguf_arch(cfg)
     tok = load_tokenizer(run / "tokenizer.json")
     vocab = gguf_vocab(tok, cfg.vocab_size, rc.get("generation") or {})
-    weights = _read_weights(run / "model.safetensors")
-
     from ..chat.template import load_chat_template
 
     chat = load_chat_template(run)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch)
+    with _open_weights(run / "model.safetensors") as weights, atomic_path(out) as tmp:
+        # use_temp_file: each tensor goes to a spooled file as it is made, so memory holds one
+        # tensor at a time rather than the whole converted model
+        writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
         writer.add_name(run.resolve().name)
         write_hparams(writer, cfg, arch, qtype)
         write_vocab(writer, vocab)
@@ -267,14 +269,31 @@ def export_gguf(run: str | Path, out: str | Path, qtype: str = "f16") -> Path:
     return out
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+class _LazyWeights(Mapping):
+    """The run's tensors by name, each read from the memory-mapped file when asked for."""
+
+    def __init__(self, handle):
+        self.handle, self.names = handle, list(handle.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.handle.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@contextmanager
+def _open_weights(path: Path) -> Iterator[_LazyWeights]:
     if not path.is_file():
         raise LMForgeError(f"weights not found: {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
+        handle = safe_open(str(path), framework="pt")
     except Exception as e:  # safetensors' own error type for a bad header
         raise LMForgeError(f"{path} is not a readable safetensors file ({e}); the checkpoint is corrupt") from None
+    yield _LazyWeights(handle)
 
 
 __all__ = ["export_gguf", "gguf_arch", "gguf_tensors", "rope_interleave_rows", "QTYPES"]

@@ -4,9 +4,13 @@
   GPT-2's byte table ("Ġworld"), the merges as "a b" strings in rank order, and the name of the
   pre-tokenizer whose split regex is the tokenizer's (`tokenizer.ggml.pre`). llama.cpp has a fixed
   list of split regexes, so a pattern outside that list is refused rather than silently replaced.
+  llama.cpp applies no normalizer: Qwen's NFC is accepted (the ids agree on NFC text, as for
+  llama.cpp's own conversion of Qwen), any other normalizer is refused.
 - `llama` (SentencePiece-style BPE: Llama 2, Mistral, TinyLlama): the "▁" pieces with scores.
   llama.cpp merges the adjacent pair whose concatenation has the highest score, so a token made
-  by merge k scores -k: the lowest merge rank wins, as in the tokenizer.json's BPE.
+  by merge k scores -k: the lowest merge rank wins, as in the tokenizer.json's BPE. llama.cpp puts a
+  space before the text and after every special token, which is the Llama 2 (legacy) form; a
+  Metaspace file with prepend_scheme "first" differs on text that starts with a space.
 
 Token types follow llama.cpp: NORMAL, CONTROL (special tokens), USER_DEFINED (non-special
 added tokens, always matched), BYTE (<0xXX> fallback pieces), UNKNOWN, UNUSED (ids the model has
@@ -80,8 +84,10 @@ def gguf_vocab(tok: Tokenizer, n_vocab: int, generation: dict[str, Any]) -> GGUF
         raise LMForgeError(f"the run's {tok.kind!r} tokenizer has no GGUF form (llama.cpp reads byte-level BPE "
                            "and SentencePiece vocabularies); train the model with a BPE tokenizer")
     eos = list(generation.get("eos_token_id") or ([] if tok.eos_id is None else [tok.eos_id]))
-    bos = generation.get("bos_token_id", tok.bos_id)
-    vocab.bos_id = bos if bos is not None else tok.bos_id
+    bos = generation.get("bos_token_id")
+    # GPT-2's convention where a tokenizer has no BOS (lmforge's own BPE): <|endoftext|> begins a
+    # text too. llama.cpp would otherwise assume its own default id.
+    vocab.bos_id = next((i for i in (bos, tok.bos_id, tok.eot_id) if i is not None), None)
     vocab.eos_id = eos[0] if eos else None
     vocab.eot_id = eos[1] if len(eos) > 1 else None
     vocab.add_bos = bool(tok.add_bos) and vocab.bos_id is not None
@@ -112,9 +118,10 @@ def _added_types(tok: HFBPETokenizer) -> dict[int, int]:
 
 
 def _hf_byte_level(tok: HFBPETokenizer, n_vocab: int) -> GGUFVocab:
-    if tok._normalize is not None:
-        raise LMForgeError("the tokenizer.json has a normalizer, which llama.cpp's byte-level BPE does not apply; "
-                           "it cannot be written to GGUF")
+    norm = tok.tokenizer_json.get("normalizer")
+    if norm is not None and norm != {"type": "NFC"}:  # Qwen's NFC: the same ids on NFC text
+        raise LMForgeError(f"the tokenizer.json's normalizer {norm.get('type') if isinstance(norm, dict) else norm!r} "
+                           "is not applied by llama.cpp's byte-level BPE; it cannot be written to GGUF")
     ignore = bool(tok.tokenizer_json["model"].get("ignore_merges"))
     pre = _pre_tokenizer(tuple(tok.pre.splits), ignore)
     if pre is None:
