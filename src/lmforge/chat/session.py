@@ -13,8 +13,9 @@ class ChatSession:
     the assistant's answer, which joins the history once it is complete (or interrupted)."""
 
     def __init__(self, model, tokenizer, fmt: ChatFormat, system: str | None = None,
-                 max_new_tokens: int = 256, seed: int | None = None, **sampling):
+                 max_new_tokens: int = 256, seed: int | None = None, context: int | None = None, **sampling):
         self.model, self.tokenizer, self.fmt = model, tokenizer, fmt
+        self.context = min(context or model.config.block_size, model.config.block_size)  # positions a turn may use
         self.system, self.max_new_tokens, self.seed, self.sampling = system, max_new_tokens, seed, sampling
         self.messages: list[dict[str, str]] = []
         self.turns = 0  # replies so far: turn t samples with seed + t
@@ -28,7 +29,7 @@ class ChatSession:
         """The history rendered and encoded; while it leaves no room for max_new_tokens in the
         context, the oldest user/assistant exchange is dropped (never the system message or the
         latest user turn)."""
-        block = self.model.config.block_size
+        block = self.context
         while True:
             ids = self.fmt.prompt_ids(self.tokenizer, self.messages)
             first = 1 if self.messages[0]["role"] == "system" else 0

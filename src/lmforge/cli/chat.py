@@ -20,6 +20,9 @@ def register(sub) -> None:
     p.add_argument("--run", required=True, metavar="RUN", help="run directory")
     p.add_argument("--adapter", default=None, metavar="DIR", help="apply a LoRA adapter without merging")
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message that opens the conversation")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with a torch.compile'd one-token step over a static KV cache of up to 2,048 "
+                        "positions (the first answer waits for the compile)")
     add_sampling_args(p)
     add_device_args(p)
     p.set_defaults(func=run)
@@ -69,8 +72,15 @@ def run(args: argparse.Namespace) -> int:
         raise LMForgeError("--max-new-tokens must be >= 1")
     model, tok = load_for_inference(args)
     fmt = chat_format(tok, args.run)
+    extra = {}
+    if args.compile:
+        from .sample import compiled_decoder
+
+        extra["compiled"] = compiled_decoder(model, 2048)
+        extra["context"] = extra["compiled"].max_len
     session = ChatSession(model, tok, fmt, system=args.system, max_new_tokens=args.max_new_tokens,
-                          seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                          seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          **extra)
     interactive = sys.stdin.isatty()
     if interactive:
         kind = "its own chat template" if fmt.template is not None else "the plain User:/Assistant: format"

@@ -27,6 +27,9 @@ def register(sub) -> None:
                    help="speculative decoding: a smaller run with the same tokenizer proposes tokens "
                         "that the model checks in one pass (same output distribution; batch 1)")
     p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes a round (default 4)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with a torch.compile'd one-token step and a static KV cache (compiling takes "
+                        "seconds to minutes, printed; pays off for long generations where eager ops dominate)")
     add_device_args(p)
     p.set_defaults(func=run)
 
@@ -46,8 +49,20 @@ def load_for_inference(args: argparse.Namespace):
         raise LMForgeError(f"--int{8 if int8 else 4} runs on the CPU only (its kernel is a CPU one); "
                            "drop it or use --device cpu")
     adapter = getattr(args, "adapter", None)
-    model, tok = load(args.run, adapter=adapter, device=device, dtype=dtype, inference=not (int8 or int4))
+    if getattr(args, "compile", False) and (int8 or int4 or getattr(args, "draft", None)):
+        raise LMForgeError("--compile compiles the plain bf16/fp32 model; it does not combine with "
+                           "--int8, --int4 or --draft")
+    plain = int8 or int4 or getattr(args, "compile", False)  # compile traces nn.Linear, not packed layers
+    model, tok = load(args.run, adapter=adapter, device=device, dtype=dtype, inference=not plain)
     return (prepare_for_decoding(model, int8=int8, int4=int4) if int8 or int4 else model), tok
+
+
+def compiled_decoder(model, positions: int):
+    """A CompiledDecoder for `positions` (rounded up to a multiple of 256, at most the model's
+    context, so prompts of other lengths reuse the graph)."""
+    from ..models.compiled import CompiledDecoder
+
+    return CompiledDecoder(model, max_len=min(model.config.block_size, -(-positions // 256) * 256))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
                                "speculative decoding needs the same one")
         stats = SpeculativeStats()
         kw.update(draft=draft, draft_tokens=args.draft_tokens, draft_stats=stats)
+    if args.compile:
+        n_prompt = len(prompt) if not isinstance(prompt, str) else len(tok.encode(prompt)) + 1
+        kw["compiled"] = compiled_decoder(model, n_prompt + args.max_new_tokens)
     if args.stream:
         for i in range(args.num_samples):
             if args.num_samples > 1:
@@ -95,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+        if args.compile:
+            print(f"compiled the decode step in {kw['compiled'].compile_seconds:.1f} s", file=sys.stderr)
         return 0
     texts = [""] * args.num_samples
     for pieces in stream(model, tok, prompt, num_samples=args.num_samples, **kw):
@@ -103,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(shown + (text.strip() if args.chat else text))
+    if args.compile:
+        print(f"compiled the decode step in {kw['compiled'].compile_seconds:.1f} s", file=sys.stderr)
     if stats is not None:
         print(f"speculative decoding: {stats.accepted}/{stats.proposed} proposals kept "
               f"({stats.acceptance_rate:.0%}) in {stats.rounds} rounds", file=sys.stderr)

@@ -1,0 +1,103 @@
+"""A compiled decode step. Eager decoding runs a few hundred small ops per token, each with
+Python and dispatch overhead that batch-1 decoding cannot hide behind arithmetic. Compiling
+the one-token step with inductor turns it into one fused graph; that needs fixed shapes, so
+the KV cache is static (every step attends over all `max_len` slots, the unfilled ones masked
+out) and the position is a tensor, not a Python int. Prefill runs eager into the same cache."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import torch
+
+from ..nn.attention import KVCache
+from ..sampling import sample_next
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose update writes at the positions in `index` (a tensor) and returns all
+    max_len slots, so a step's shapes never change; the caller masks the unfilled slots and
+    keeps the positions (advance does nothing)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.index = torch.zeros(1, dtype=torch.long, device=self.k.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer].index_copy_(2, self.index, k)  # (B, nkv, max_len, hs) <- (B, nkv, T, hs)
+        self.v[layer].index_copy_(2, self.index, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+class CompiledDecoder:
+    """Greedy or sampled decoding of `model` (a GPT) with a `torch.compile`d one-token step.
+    The first call compiles (seconds to minutes; `compile_seconds` says how long) and later
+    calls reuse the graph as long as batch size and `max_len` stay the same."""
+
+    def __init__(self, model, max_len: int | None = None, mode: str | None = None):
+        self.model = model.eval()
+        self.max_len = min(max_len or model.config.block_size, model.config.block_size)
+        self.mode = mode
+        self.cache: StaticKVCache | None = None
+        self._step = torch.compile(self._one_token, fullgraph=True, dynamic=False, mode=mode)
+        self.compile_seconds = 0.0
+        self._compiled_for: tuple[int, ...] | None = None
+
+    def _one_token(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """token (B, 1), pos (1,) -> logits (B, V)."""
+        mask = (self.key_pos <= pos)[None, None, None, :]  # (1, 1, 1, max_len): the filled slots
+        return self.model(token, cache=self.cache, positions=pos, mask=mask)[:, -1]
+
+    def _setup(self, batch: int) -> None:
+        ref = self.model.tok_emb.weight
+        if self.cache is None or self.cache.k.shape[1] != batch:
+            cfg = self.model.config
+            self.cache = StaticKVCache(cfg.n_layer, batch, cfg.n_kv_head or cfg.n_head, cfg.head_size,
+                                       self.max_len, ref.device, ref.dtype)
+            self.key_pos = torch.arange(self.max_len, device=ref.device)
+            self.step_pos = torch.zeros(1, dtype=torch.long, device=ref.device)  # one tensor, updated in place
+        self.cache.k.zero_()
+        self.cache.v.zero_()
+
+    def _prefill(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device)
+        self.cache.index = pos
+        mask = (self.key_pos[None, :] <= pos[:, None])[None, None]  # (1, 1, T, max_len)
+        return self.model(idx, cache=self.cache, positions=pos, mask=mask)[:, -1]
+
+    @torch.no_grad()
+    def steps(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+              top_k: int | None = None, top_p: float | None = None,
+              generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield each step's new token ids (B,), as `decode_steps` does; the prompt and the new
+        tokens must fit in max_len (no sliding window here)."""
+        B, T = idx.shape
+        if T + max_new_tokens > self.max_len:
+            raise ValueError(f"{T} prompt + {max_new_tokens} new tokens exceed the compiled cache's "
+                             f"{self.max_len} positions")
+        self._setup(B)
+        logits = self._prefill(idx)
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            yield nxt
+            if step == max_new_tokens - 1:
+                break
+            self.step_pos.fill_(T + step)
+            self.cache.index = self.step_pos
+            if self._compiled_for != (B, self.max_len):  # the first step compiles
+                t0 = time.perf_counter()
+                logits = self._step(nxt[:, None], self.step_pos)
+                self.compile_seconds += time.perf_counter() - t0
+                self._compiled_for = (B, self.max_len)
+            else:
+                logits = self._step(nxt[:, None], self.step_pos)
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """idx (B, T) -> (B, T + max_new_tokens)."""
+        new = list(self.steps(idx, max_new_tokens, **kwargs))
+        return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx

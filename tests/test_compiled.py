@@ -1,0 +1,59 @@
+"""The compiled decode step computes what the eager model does: the same greedy tokens, logits
+within float tolerance, through the Python API and `lmforge sample --compile`."""
+
+import pytest
+import torch
+
+from lmforge import GPT, GPTConfig
+from lmforge.checkpoint import save_run
+from lmforge.cli.main import main
+from lmforge.models.compiled import CompiledDecoder
+from lmforge.models.decoding import generate_ids
+from lmforge.tokenizers import CharTokenizer
+
+# RoPE, grouped-query attention and a sliding window shorter than prompt + new tokens
+MISTRAL_LIKE = dict(vocab_size=61, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, bias=False,
+                    pos_encoding="rope", norm="rmsnorm", mlp="swiglu", sliding_window=12)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(**MISTRAL_LIKE)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(std=0.3)  # logits far apart: greedy ties do not decide the test
+    return m
+
+
+def test_compiled_greedy_tokens_and_logits_equal_eager(model):
+    prompt = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    dec = CompiledDecoder(model, max_len=48)
+    got = dec.generate(prompt, 24, temperature=0.0)
+    assert torch.equal(got, generate_ids(model, prompt, 24, temperature=0.0))
+    assert dec.compile_seconds > 0
+    # the last token was yielded, never fed: one compiled step at its position against the
+    # eager forward of the whole sequence
+    dec.step_pos.fill_(got.shape[1] - 1)
+    dec.cache.index = dec.step_pos
+    with torch.no_grad():
+        step = dec._step(got[:, -1:], dec.step_pos)
+        full = model(got)[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+    again = dec.generate(prompt[:1, :5], 10, temperature=0.0)  # another batch size and prompt length
+    assert torch.equal(again, generate_ids(model, prompt[:1, :5], 10, temperature=0.0))
+    with pytest.raises(ValueError, match="exceed"):
+        next(dec.steps(prompt, 48))
+
+
+def test_sample_compile_prints_the_same_text(tmp_path, model, capsys):
+    tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'\n-")
+    save_run(tmp_path, GPT(GPTConfig(**{**MISTRAL_LIKE, "vocab_size": tok.vocab_size})), tok)
+    args = ["sample", "--run", str(tmp_path), "--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    assert main([*args, "--compile"]) == 0
+    out = capsys.readouterr()
+    assert out.out == eager and "compiled the decode step in" in out.err
+    assert main([*args, "--compile", "--int8"]) == 2
+    assert "does not combine" in capsys.readouterr().err
