@@ -1,0 +1,113 @@
+"""Batch-1 greedy decoding of the GPT-2 124M shape: lmforge's eager step (weights laid out by
+`prepare_for_decoding`) against the compiled step (`CompiledDecoder`, torch.compile over a
+static KV cache), fp32 and bf16, alternating in one process, with the read bandwidth measured
+in the same run; then a profile of one eager bf16 step, to show where a token's time goes.
+
+    python benchmarks/compiled_decode.py [--tokens 64] [--rounds 3]   (--no-doc: print only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc_tables import add_doc_args, block, command_line, publish  # noqa: E402
+from timing import median_time, memory_bandwidth  # noqa: E402
+
+
+def profile_step(model, prompt: torch.Tensor, top: int = 8) -> tuple[float, list[tuple[str, float, int]]]:
+    """(ms per step, [(op, share of the step's self CPU time, calls)]) over 8 cached steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = model.make_cache(1, prompt.shape[1] + 16)
+    tok = prompt[:, -1:]
+    with torch.no_grad():
+        model(prompt, cache=cache)
+        model(tok, cache=cache)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(8):
+                model(tok, cache=cache)
+            step_ms = (time.perf_counter() - t0) / 8 * 1e3
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return step_ms, [(e.key, e.self_cpu_time_total / total, e.count // 8) for e in events[:top]]
+
+
+def bench(tokens: int, rounds: int, prompt_len: int) -> dict:
+    from lmforge.models.compiled import CompiledDecoder
+    from lmforge.models.decoding import generate_ids, prepare_for_decoding
+    from lmforge.models.gpt import GPT, GPTConfig
+    from lmforge.models.presets import get_preset
+
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(**get_preset("gpt2")["model_config"])).eval().requires_grad_(False)
+    prompt = torch.randint(0, 50257, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    eager = {"fp32": prepare_for_decoding(copy.deepcopy(base)),
+             "bf16": prepare_for_decoding(copy.deepcopy(base), dtype=torch.bfloat16)}
+    compiled = {"fp32": CompiledDecoder(base, max_len=prompt_len + tokens),
+                "bf16": CompiledDecoder(copy.deepcopy(base).to(torch.bfloat16), max_len=prompt_len + tokens)}
+    fns, outs = {}, {}
+    for kind in ("fp32", "bf16"):
+        fns[f"eager {kind}"] = lambda m=eager[kind]: generate_ids(m, prompt, tokens, temperature=0.0)
+        fns[f"compiled {kind}"] = lambda d=compiled[kind]: d.generate(prompt, tokens, temperature=0.0)
+    with torch.no_grad():
+        for name, fn in fns.items():  # warm-up; the compiled ones compile here
+            outs[name] = fn()
+        times = median_time(fns, rounds)
+    bw = memory_bandwidth()
+    n_params = base.num_params() - base.pos_emb.weight.numel()  # one position row is read per token
+    res = {"tokens": tokens, "rounds": rounds, "prompt": prompt_len, "bandwidth": bw, "params": n_params,
+           "results": {}, "compile_s": {k: d.compile_seconds for k, d in compiled.items()},
+           "same": {k: bool(torch.equal(outs[f"eager {k}"], outs[f"compiled {k}"])) for k in ("fp32", "bf16")}}
+    for name, ts in times.items():
+        tok_s = tokens / statistics.median(ts)
+        bound = bw["read_gb_s"] * 1e9 / (n_params * (4 if name.endswith("fp32") else 2))
+        res["results"][name] = {"tok_s": tok_s, "bound": bound, "share": tok_s / bound}
+    res["profile_ms"], res["profile"] = profile_step(eager["bf16"], prompt)
+    return res
+
+
+def markdown(d: dict) -> str:
+    bw = d["bandwidth"]
+    lines = [f"Batch 1, {d['prompt']}-token prompt, {d['tokens']} greedy tokens, median of {d['rounds']} "
+             f"alternating rounds; read bandwidth in the same run {bw['read_gb_s']:.1f} GB/s (torch `sum` over a "
+             f"filled 1 GiB tensor), bound = bandwidth / weight bytes per token ({d['params'] / 1e6:.1f}M "
+             "parameters).", "", "| path | tok/s | bandwidth bound tok/s | share of bound |", "|---|---|---|---|"]
+    for name, r in d["results"].items():
+        lines.append(f"| {name} | {r['tok_s']:.1f} | {r['bound']:.0f} | {r['share']:.0%} |")
+    r = d["results"]
+    lines += ["", f"Compiled / eager: fp32 **{r['compiled fp32']['tok_s'] / r['eager fp32']['tok_s']:.2f}x**, "
+              f"bf16 **{r['compiled bf16']['tok_s'] / r['eager bf16']['tok_s']:.2f}x**. Compile time (first "
+              f"step, kept out of tok/s): fp32 {d['compile_s']['fp32']:.0f} s, bf16 {d['compile_s']['bf16']:.0f} s. "
+              f"Greedy tokens equal to eager's: fp32 {d['same']['fp32']}, bf16 {d['same']['bf16']}.", "",
+              f"Where one eager bf16 step's time goes ({d['profile_ms']:.1f} ms a step under the profiler; "
+              "self CPU time by op):", "", "| op | share | calls a step |", "|---|---|---|"]
+    lines += [f"| `{name}` | {share:.0%} | {calls} |" for name, share, calls in d["profile"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=64, help="greedy tokens per generation (default 64)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_doc_args(ap, "docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = bench(args.tokens, args.rounds, args.prompt)
+    publish(args, {"compiled_decode": block(command_line("benchmarks/compiled_decode.py", argv), markdown(res))})
+
+
+if __name__ == "__main__":
+    main()
