@@ -102,6 +102,20 @@ def test_chat_keeps_history_resets_and_ends_at_eof(template_run, monkeypatch, ca
     assert out == f"{a1.lstrip()}\n{a2.lstrip()}\n(conversation cleared)\n{fresh.lstrip()}\n"
 
 
+def test_chat_with_a_draft_answers_as_the_model_alone(template_run, tmp_path, monkeypatch, capsys):
+    """Greedy speculative decoding changes the speed, never the answer."""
+    model, tok = lmforge.load(template_run)
+    torch.manual_seed(3)  # a smaller random model with the same tokenizer: it proposes other tokens
+    save_run(tmp_path / "draft", GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=1, n_head=2,
+                                               n_embd=16)), tok)
+    draft = tmp_path / "draft"
+    u1, u2 = "Hello there", "What is the weather like today?"
+    lines = f"{u1}\n{u2}\n"
+    plain = chat_cli(monkeypatch, capsys, template_run, lines)
+    code, out, err = chat_cli(monkeypatch, capsys, template_run, lines, "--draft", str(draft), "--draft-tokens", "3")
+    assert code == 0 and err == "" and out == plain[1] and out.count("\n") == 2
+
+
 def test_chat_plain_format_with_a_system_message(tmp_path, shakespeare_text, monkeypatch, capsys):
     """A run without a template: the plain User:/Assistant: format, the same as the server's."""
     run = write_run(tmp_path / "run", CharTokenizer.train(shakespeare_text))

@@ -23,6 +23,10 @@ def register(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode with a torch.compile'd one-token step over a static KV cache of up to 2,048 "
                         "positions (the first answer waits for the compile)")
+    p.add_argument("--draft", default=None, metavar="RUN",
+                   help="a smaller run with the same tokenizer proposes tokens that the model checks "
+                        "(speculative decoding: the answers are distributed as the model's own)")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes a round (default 4)")
     add_sampling_args(p)
     add_device_args(p)
     p.set_defaults(func=run)
@@ -73,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load_for_inference(args)
     fmt = chat_format(tok, args.run)
     extra = {}
+    if args.draft is not None:
+        from .sample import load_draft
+
+        extra.update(draft=load_draft(args, tok), draft_tokens=args.draft_tokens)
     if args.compile:
         from .sample import compiled_decoder
 

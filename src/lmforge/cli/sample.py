@@ -57,6 +57,17 @@ def load_for_inference(args: argparse.Namespace):
     return (prepare_for_decoding(model, int8=int8, int4=int4) if int8 or int4 else model), tok
 
 
+def load_draft(args: argparse.Namespace, tokenizer):
+    """The --draft run for speculative decoding, loaded as the target is; it must share the tokenizer."""
+    from ..errors import LMForgeError
+
+    draft, draft_tok = load_for_inference(argparse.Namespace(**{**vars(args), "run": args.draft, "adapter": None}))
+    if draft_tok.to_dict() != tokenizer.to_dict():
+        raise LMForgeError(f"the draft {args.draft} has another tokenizer than {args.run}; "
+                           "speculative decoding needs the same one")
+    return draft
+
+
 def compiled_decoder(model, positions: int):
     """A CompiledDecoder for `positions` (rounded up to a multiple of 256, at most the model's
     context, so prompts of other lengths reuse the graph)."""
@@ -85,16 +96,11 @@ def run(args: argparse.Namespace) -> int:
               top_p=args.top_p, seed=args.seed, stop=stop, stop_ids=fmt.eos_ids)
     stats = None
     if args.draft is not None:
-        from argparse import Namespace
-
         from ..models.speculative import SpeculativeStats
 
         if args.num_samples != 1:
             raise LMForgeError("--draft makes one sample at a time; drop --num-samples")
-        draft, draft_tok = load_for_inference(Namespace(**{**vars(args), "run": args.draft, "adapter": None}))
-        if draft_tok.to_dict() != tok.to_dict():
-            raise LMForgeError(f"the draft {args.draft} has another tokenizer than {args.run}; "
-                               "speculative decoding needs the same one")
+        draft = load_draft(args, tok)
         stats = SpeculativeStats()
         kw.update(draft=draft, draft_tokens=args.draft_tokens, draft_stats=stats)
     if args.compile:
