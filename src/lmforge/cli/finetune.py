@@ -47,6 +47,10 @@ def register(sub) -> None:
                         "for text unlike the base's, 'blocks.[1-5].mlp.proj' tok_emb did best in "
                         "docs/finetuning.md (default: attn.qkv attn.proj)")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--base-dtype", choices=["float32", "bfloat16", "int8", "nf4"], default=None,
+                   help="how the frozen base is stored while LoRA trains: float32 (default), bfloat16, int8 "
+                        "(one scale per row) or nf4 (4-bit, blocks of 64); the adapter is the same either way "
+                        "(docs/finetuning.md)")
     p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML file of training settings")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override settings, e.g. --set max_iters=200 learning_rate=1e-3 (or repeat --set)")
@@ -68,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["compile=true"] if args.compile else [])
     trainer = build_finetune_trainer(args.base, args.data, args.out, args.method, lora, args.config,
                                      overrides, resume=args.resume, progress=show_progress(args),
+                                     base_dtype=args.base_dtype,
                                      sft={"val": args.val, "max_length": args.max_length, "overlong": args.overlong,
                                           "train_on_prompt": args.train_on_prompt, "pack": args.pack})
     res = trainer.fit()

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..config import ConfigBase
 from ..errors import LMForgeError
+from .quantized_base import FrozenLinear
 
 ALL_LINEAR = "all-linear"
 LORA_PARAMS = ("lora_A", "lora_B")
@@ -81,19 +82,29 @@ def add_adapter(module: nn.Module, r: int, alpha: float, rslora: bool, n_in: int
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update."""
+    """A frozen nn.Linear plus a trainable low-rank update. The base may also be a FrozenLinear
+    (a bf16 / int8 / nf4 base, nn/quantized_base.py): A and B are then float32 and train as
+    usual, but merging needs the full-precision base (`lmforge merge`)."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+    def __init__(self, base: nn.Linear | FrozenLinear, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False):
         super().__init__()
         if r <= 0:
             raise LMForgeError(f"LoRA rank r must be positive, got {r}")
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # the same Parameter: a base checkpoint loads unchanged
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        add_adapter(self, r, alpha, rslora, self.in_features, self.out_features, base.weight)  # A (r, in), B (out, r)
+        if isinstance(base, FrozenLinear):
+            self.base_layer = base
+            self.weight, self.bias = None, None
+            like = torch.empty(0, device=next(base.buffers()).device)  # float32 adapters
+        else:
+            self.base_layer = None
+            self.weight = base.weight  # the same Parameter: a base checkpoint loads unchanged
+            self.bias = base.bias
+            self.weight.requires_grad_(False)
+            if self.bias is not None:
+                self.bias.requires_grad_(False)
+            like = base.weight
+        add_adapter(self, r, alpha, rslora, self.in_features, self.out_features, like)  # A (r, in), B (out, r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
@@ -102,7 +113,7 @@ class LoRALinear(nn.Module):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # (..., out)
+        y = F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)  # (..., out)
         if self.merged:
             return y
         h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
@@ -112,7 +123,10 @@ class LoRALinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor | None:
         """W + scaling B A as one tensor (the chunked loss uses it in place of the logits);
-        None while adapter dropout is active, which no single weight can express."""
+        None while adapter dropout is active, which no single weight can express, or on a
+        quantized base, whose whole weight is never made in floating point."""
+        if self.base_layer is not None:
+            return None
         if self.merged:
             return self.weight
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
@@ -124,6 +138,9 @@ class LoRALinear(nn.Module):
         """W <- W + scaling * B A. The forward pass is then one matrix product, as the base's."""
         if self.merged:
             raise LMForgeError("this LoRA layer is already merged; unmerge() it before merging again")
+        if getattr(self, "base_layer", None) is not None:
+            raise LMForgeError("cannot merge into a quantized base; merge the adapter into the full-precision "
+                               "base run instead (lmforge merge --base BASE --adapter ADAPTER --out RUN)")
         self.weight += self.delta_weight().to(self.weight.dtype)
         self.merged = True
 
@@ -246,14 +263,16 @@ def linear_kind(name: str) -> str:
 def _tied(model: nn.Module, module: nn.Linear) -> bool:
     """True if the Linear's weight is shared with another module (e.g. GPT's LM head and the
     token embedding): an update to it would silently change the other module too."""
+    if isinstance(module, FrozenLinear):
+        return module.tied
     ptr = module.weight.data_ptr()
     return sum(1 for m in model.modules() for p in m.parameters(recurse=False)
                if p.data_ptr() == ptr) > 1
 
 
-def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear (not yet adapted) by its full name."""
-    return {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+def linear_modules(model: nn.Module) -> dict[str, nn.Linear | FrozenLinear]:
+    """Every nn.Linear or frozen quantized linear (not yet adapted) by its full name."""
+    return {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, FrozenLinear)}
 
 
 def embedding_modules(model: nn.Module) -> dict[str, nn.Embedding]:
@@ -347,9 +366,10 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
 
 def lora_report(model: nn.Module) -> LoRAReport:
     params = {id(p): p for p in model.parameters()}.values()  # tied parameters once
+    frozen = sum(m.n_weights for m in model.modules() if isinstance(m, FrozenLinear))  # a quantized base's
     return LoRAReport(modules=list(lora_layers(model)),
                       trainable=sum(p.numel() for p in params if p.requires_grad),
-                      total=sum(p.numel() for p in params))
+                      total=sum(p.numel() for p in params) + frozen)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -35,9 +35,11 @@ from ..errors import LMForgeError
 from ..fileio import read_json, write_json
 from ..models import build_model
 from ..nn.lora import LoRAConfig, apply_lora, lora_report
+from ..nn.quantized_base import BASE_DTYPES
 from ..sft.options import SFTOptions, build_sft_batches, data_fingerprint
 from ..tokenizers import load_tokenizer
 from .config import TrainConfig
+from .frozen_base import load_frozen_base
 from .setup import finish_setup, read_toml, split_settings
 from .trainer import TRAINER_FILE, Trainer
 
@@ -131,10 +133,11 @@ def build_finetune_trainer(base_run: str | Path | None, data_dir: str | Path, ou
                            method: str | None = None, lora: LoRAConfig | None = None,
                            config_file: str | None = None, overrides: list[str] | None = None,
                            resume: bool = False, progress: bool = True, verbose: bool = True,
-                           sft: dict[str, Any] | None = None) -> FinetuneTrainer:
+                           base_dtype: str | None = None, sft: dict[str, Any] | None = None) -> FinetuneTrainer:
     """Everything `lmforge finetune` does before the loop starts. On resume, the method, base
     run and LoRA settings come from OUT/finetune.json; --set may change training settings.
-    `method` is lora (the default for a new run) or full.
+    `method` is lora (the default for a new run) or full. `base_dtype` (LoRA only) stores the
+    frozen base as float32 (the default), bfloat16, int8 or nf4 (nn/quantized_base.py).
     data_dir: a prepared directory, or an instruction file; `sft` then holds SFTOptions' fields
     (val, max_length, overlong, train_on_prompt, pack)."""
     out_dir = Path(out_dir)
@@ -148,6 +151,10 @@ def build_finetune_trainer(base_run: str | Path | None, data_dir: str | Path, ou
             raise LMForgeError(f"{out_dir} is a {record['method']} fine-tuning run, not {method}; "
                                f"drop --method to resume it")
         method = record["method"]
+        if base_dtype not in (None, record.get("base_dtype", "float32")):
+            raise LMForgeError(f"{out_dir} was trained on a {record.get('base_dtype', 'float32')} base, "
+                               f"not {base_dtype}; drop --base-dtype to resume it")
+        base_dtype = record.get("base_dtype", "float32")
         base_run = Path(record["base_run"])
         lora = LoRAConfig.from_dict(record["lora"]) if record.get("lora") else None
     else:
@@ -165,6 +172,12 @@ def build_finetune_trainer(base_run: str | Path | None, data_dir: str | Path, ou
         lora = (lora or LoRAConfig()) if method == "lora" else None
         if lora is not None:
             lora.validate()
+        base_dtype = base_dtype or "float32"
+        if base_dtype not in BASE_DTYPES:
+            raise LMForgeError(f"--base-dtype must be one of {', '.join(BASE_DTYPES)}, not {base_dtype!r}")
+        if base_dtype != "float32" and method != "lora":
+            raise LMForgeError(f"--base-dtype {base_dtype} needs --method lora: a full fine-tune trains "
+                               f"the base weights themselves")
     base_cfg = read_run_config(base_run)
     kind = base_cfg["model"]
     if kind not in LM_KINDS:
@@ -205,21 +218,25 @@ def build_finetune_trainer(base_run: str | Path | None, data_dir: str | Path, ou
                                     base_cfg["model_config"]["block_size"], train_cfg.batch_size,
                                     train_cfg.seed, verbose)
 
-    torch.manual_seed(train_cfg.seed)  # the same seed gives the same adapter initialisation
-    model = build_model(kind, {**base_cfg["model_config"], **model_part})
-    if not (resume and method == "full"):  # a resumed full run reads its own weights instead
-        load_weights(weights, model)
+    if base_dtype == "float32":
+        model = build_model(kind, {**base_cfg["model_config"], **model_part})
+        if not (resume and method == "full"):  # a resumed full run reads its own weights instead
+            load_weights(weights, model)
+    else:  # read tensor by tensor into the compact format: the full-precision base never exists whole
+        model = load_frozen_base(weights, kind, {**base_cfg["model_config"], **model_part}, base_dtype)
+    torch.manual_seed(train_cfg.seed)  # the same seed gives the same adapters, whatever the base's dtype
     if lora is not None:
         report = apply_lora(model, lora.targets, lora.r, lora.alpha, lora.dropout, lora.rslora)
     else:
         report = lora_report(model)  # nothing adapted: every parameter trains
     if verbose:
-        print(f"fine-tuning {base_run} ({method}): {report.trainable:,} of {report.total:,} parameters "
+        on = f", {base_dtype} base" if base_dtype != "float32" else ""
+        print(f"fine-tuning {base_run} ({method}{on}): {report.trainable:,} of {report.total:,} parameters "
               f"trainable ({100 * report.trainable_fraction:.3f}%)")
 
     record = {"format": FINETUNE_FORMAT, "version": 1, "method": method, "base_run": str(base_run),
               "base_weights_sha256": base_sha, "data": str(Path(data_dir).resolve()),
-              "model_overrides": model_part, "lora": lora.to_dict() if lora else None,
+              "model_overrides": model_part, "lora": lora.to_dict() if lora else None, "base_dtype": base_dtype,
               "sft": sft_record}
     run_extra = {"preset": base_cfg.get("preset"), "data": record["data"],
                  "finetune": {"method": method, "base_run": str(base_run)},
