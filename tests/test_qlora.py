@@ -225,3 +225,6 @@ def test_base_dtype_errors(runs, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "a"), "--method", "full", "--base-dtype", "int8"]) == 2
     assert "needs --method lora" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+    assert main([*args, "--out", str(tmp_path / "b"), "--base-dtype", "int8", "--lora-targets", "tok_emb"]) == 2
+    assert "picks the embedding tok_emb" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

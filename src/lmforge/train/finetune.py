@@ -39,7 +39,7 @@ from ..nn.quantized_base import BASE_DTYPES
 from ..sft.options import SFTOptions, build_sft_batches, data_fingerprint
 from ..tokenizers import load_tokenizer
 from .config import TrainConfig
-from .frozen_base import load_frozen_base
+from .frozen_base import check_targets, load_frozen_base
 from .setup import finish_setup, read_toml, split_settings
 from .trainer import TRAINER_FILE, Trainer
 
@@ -224,6 +224,7 @@ def build_finetune_trainer(base_run: str | Path | None, data_dir: str | Path, ou
             load_weights(weights, model)
     else:  # read tensor by tensor into the compact format: the full-precision base never exists whole
         model = load_frozen_base(weights, kind, {**base_cfg["model_config"], **model_part}, base_dtype)
+        check_targets(model, lora.targets, base_dtype)
     torch.manual_seed(train_cfg.seed)  # the same seed gives the same adapters, whatever the base's dtype
     if lora is not None:
         report = apply_lora(model, lora.targets, lora.r, lora.alpha, lora.dropout, lora.rslora)

@@ -20,7 +20,8 @@ from torch import nn
 from ..checkpoint import params_on_meta
 from ..errors import LMForgeError
 from ..models import build_model
-from ..nn.quantized_base import BASE_DTYPES, freeze_base
+from ..nn.lora import _matches, parse_targets
+from ..nn.quantized_base import BASE_DTYPES, FrozenEmbedding, freeze_base
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -75,3 +76,14 @@ def load_frozen_base(weights: str | Path, kind: str, model_config: dict[str, Any
     finally:
         reader.close()
     return model
+
+
+def check_targets(model: nn.Module, targets: list[str], fmt: str) -> None:
+    """LoRA on an embedding needs the float table it adds to (LoRAEmbedding): say so, instead of
+    the generic 'matches no linear module'."""
+    for pattern in parse_targets(targets):
+        hit = next((n for n, m in model.named_modules() if isinstance(m, FrozenEmbedding) and _matches(n, pattern)),
+                   None)
+        if hit is not None:
+            raise LMForgeError(f"LoRA target {pattern!r} picks the embedding {hit}, which a {fmt} base stores "
+                               f"quantized; adapt it with --base-dtype float32, or target linear layers only")
