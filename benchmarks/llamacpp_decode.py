@@ -172,7 +172,8 @@ def bench_shape(shape: str, threads: int, rounds: int, new_tokens: int, prompt_l
 def markdown(res: dict[str, Any]) -> str:
     bw = res["bandwidth"]["read_gb_s"]
     lines = [f"Batch 1, {res['prompt']}-token prompt, {res['new_tokens']} greedy tokens, {res['threads']} threads "
-             f"on both sides, median of {res['rounds']} alternating rounds after a warm-up. Memory bandwidth in the same run: "
+             f"on both sides, median of {res['rounds']} alternating rounds after a warm-up. "
+             "Memory bandwidth in the same run: "
              f"{bw:.1f} GB/s read (torch `sum` over 1 GiB); bound = read bandwidth / bytes of weights per token. "
              "*same* = share of llama.cpp's greedy tokens equal to lmforge's at that weight type.", "",
              "| model | contender | tok/s | bound tok/s | share of bound | same tokens |", "|---|---|---|---|---|---|"]

@@ -1,12 +1,14 @@
 """`lmforge export-gguf` checked by llama.cpp itself (through llama-cpp-python) on models made here.
 
 Per architecture (gpt2, llama with Llama 3.1 RoPE scaling, qwen2, qwen3, gemma2 with its window and
-soft-caps; random weights large enough that every tensor matters) and for a GPT-2 trained here: the
-f32 file's logits within 1e-3 of lmforge's and the same 30 greedy tokens. For models trained here
-(GPT-2 and Llama shapes) f16, bf16 and q8_0 files pick lmforge's greedy token on >= 90% of 30
-positions (random weights, whose near-ties int8 rounding flips, >= 80%). llama.cpp's own tokenization equals lmforge's on
-multilingual text for lmforge's BPE (both split patterns) and tokenizer.json files (Llama 3-style
-byte-level, Llama 2-style SentencePiece).
+soft-caps; random weights large enough that every tensor matters) and for GPT-2- and Llama-shaped
+models trained here: the f32 file's logits within 1e-3 of lmforge's and the same 30 greedy tokens.
+For the trained models f16, bf16 and q8_0 files pick lmforge's greedy token on >= 90% of 30
+positions (random weights, whose near-ties int8 rounding flips, >= 80%). llama.cpp's own
+tokenization equals lmforge's on multilingual text for lmforge's BPE (both split patterns) and
+tokenizer.json files (Llama 3-style byte-level, Qwen2-style, Llama 2-style SentencePiece). And the
+import path against transformers itself: random Llama / Mistral / Qwen3 / Gemma 2 checkpoints ->
+`import-hf` -> `export-gguf` give transformers' logits in llama.cpp.
 
 llama.cpp's CPU GELU reads a table indexed by the input rounded to f16 (ggml's GGML_GELU_FP16), so
 for the GELU architectures (gpt2, gemma2) the 1e-3 bound is checked against lmforge with that same
@@ -32,7 +34,6 @@ from lmforge.models.gpt import GPT, GPTConfig  # noqa: E402
 from lmforge.tokenizers import BPETokenizer, CharTokenizer  # noqa: E402
 
 TOL, GELU_TOL = 1e-3, 5e-3
-EOT = "<|endoftext|>"
 MULTILINGUAL = [  # NFC text (llama.cpp applies no normalizer; Qwen's files NFC-normalize)
     "Grüße aus München! Straße, naïve café", "你好，世界！我们今天训练一个分词器。日本語のテキスト",
     "مرحبا بالعالم، كيف حالك؟", "नमस्ते दुनिया, यह एक परीक्षण है।", "Emoji: 👩‍👩‍👧 🇩🇪 👍🏽 🙂🚀✨",
@@ -358,3 +359,47 @@ def test_char_tokenizer_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'char' tokenizer has no GGUF form" in err and err.count("\n") == 1
     assert not list(tmp_path.glob("*.gguf*"))
+
+
+# --- the import path: a transformers model -> import-hf -> export-gguf -> llama.cpp -------------------
+HF = {  # family -> (transformers config class, settings)
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=None)),
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=32)),
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
+                                    attn_logit_softcapping=1.5, final_logit_softcapping=0.8)),
+}
+
+
+@pytest.mark.parametrize("family", list(HF))
+def test_imported_checkpoint_matches_transformers_in_llama_cpp(tmp_path, tokenizer, family):
+    """transformers' own logits (an independent implementation) against the GGUF file of its
+    `import-hf` run: the whole chain, including generation_config's BOS/EOS ids."""
+    transformers = pytest.importorskip("transformers")
+    cls, settings = HF[family]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cls)(vocab_size=416, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=128, bos_token_id=1,
+                                     eos_token_id=2, **settings)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.3) if p.dim() == 1 else p.normal_(std=0.15)
+    hf.save_pretrained(tmp_path / "hf")
+    from lmforge.interop import write_hf_tokenizer
+    write_hf_tokenizer(tokenizer, tmp_path / "hf")
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    assert main(["export-gguf", str(tmp_path / "run"), "--out", str(tmp_path / "m.gguf"), "--type", "f32"]) == 0
+    torch.manual_seed(1)
+    ids = torch.randint(3, 400, (1, 40))
+    llm = open_gguf(tmp_path / "m.gguf")
+    try:
+        theirs = their_logits(llm, ids[0].tolist())
+        assert (llm.token_bos(), llm.token_eos()) == (1, 2)
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ref = hf(ids).logits[0].numpy()
+    assert np.abs(ref - theirs).max() <= (GELU_TOL if family == "gemma2" else TOL)

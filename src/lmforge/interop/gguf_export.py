@@ -159,7 +159,8 @@ def rope_freq_divisors(cfg: GPTConfig) -> torch.Tensor:
 def gguf_tensors(cfg: GPTConfig, arch: str, weights: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """(GGUF name, float32 tensor) for every tensor llama.cpp's `arch` loads."""
     seen = set()
-    nkv, qdim, kvdim = cfg.n_kv_head or cfg.n_head, cfg.n_head * cfg.head_size, (cfg.n_kv_head or cfg.n_head) * cfg.head_size
+    nkv = cfg.n_kv_head or cfg.n_head
+    qdim, kvdim = cfg.n_head * cfg.head_size, nkv * cfg.head_size
     offset = arch == "gemma2"  # gain 1 + w
     for name, t in weights.items():
         t = t.float()
