@@ -102,11 +102,11 @@ async def run_load(url: str, model: str, n: int, max_tokens: int, concurrent: bo
             "ttft_p50": statistics.median(r["ttft"] for r in ok)}
 
 
-def library_speed(run_dir: Path, n: int, max_tokens: int) -> dict:
+def library_speed(run_dir: Path, n: int, max_tokens: int, dtype: str = "float32") -> dict:
     """`lmforge.generate`, one prompt at a time, in this process: the model alone, no HTTP."""
     import lmforge
 
-    model, tok = lmforge.load(run_dir, device="cpu")
+    model, tok = lmforge.load(run_dir, device="cpu", dtype=getattr(torch, dtype))
     lmforge.generate(model, tok, "warm", max_new_tokens=4)
     t0 = time.perf_counter()
     for i, p in enumerate(prompts(n)):
@@ -115,9 +115,10 @@ def library_speed(run_dir: Path, n: int, max_tokens: int) -> dict:
     return {"tokens": n * max_tokens, "wall": wall, "tok_s": n * max_tokens / wall}
 
 
-def start_server(run_dir: Path, port: int, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(run_dir: Path, port: int, max_batch: int, threads: int,
+                 dtype: str = "float32") -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "lmforge", "serve", "--run", str(run_dir), "--port", str(port),
-           "--max-batch", str(max_batch), "--device", "cpu", "--model-name", "bench"]
+           "--max-batch", str(max_batch), "--device", "cpu", "--model-name", "bench", "--dtype", dtype]
     env = {**os.environ, "LMFORGE_API_KEY": "", "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -140,17 +141,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="rounds; each round runs every setting once, "
                                                             "interleaved, and the table shows medians")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and the library run")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the server's dtype")
+    ap.add_argument("--section", default="serve_load", help="the docs section the table goes in (default serve_load)")
     add_doc_args(ap, "docs/serving.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n, m = args.requests, args.max_tokens
     settings = [("sequential (1 in flight)", n, False), (f"{n} concurrent, --max-batch {n}", n, True),
                 (f"{n} concurrent, --max-batch 16", 16, True)]
+    settings = list({label: (label, b, c) for label, b, c in settings}.values())  # n = 16: one concurrent row
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in settings}
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         make_run(run_dir, args.preset)
-        servers = {b: start_server(run_dir, free_port(), b, args.threads) for b in {b for _, b, _ in settings}}
+        servers = {b: start_server(run_dir, free_port(), b, args.threads, args.dtype) for b in {b for _, b, _ in settings}}
         try:
             for b, (proc, url) in servers.items():
                 asyncio.run(run_load(url, "bench", 2, 4, False))  # warm up
@@ -161,7 +165,7 @@ def main() -> None:
                     runs[label].append(res)
                     print(f"round {rnd}", label, {k: round(v, 3) if isinstance(v, float) else v
                                                    for k, v in res.items()}, flush=True)
-                lib.append(library_speed(run_dir, min(n, 10), m))
+                lib.append(library_speed(run_dir, min(n, 10), m, args.dtype))
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
@@ -181,9 +185,9 @@ def main() -> None:
     lt = med(lib, "tok_s")
     table.append(f"| library `lmforge.generate`, no HTTP, 1 at a time ({min(n, 10)} prompts) | - | - | "
                  f"{lib[0]['tokens']} | {med(lib, 'wall'):.2f} | {lt:.0f} | {lt / base:.2f}x | - | - | - |")
-    note = (f"Model: random-init GPT of preset `{args.preset}` with the character tokenizer; {m} new tokens per "
+    note = (f"Model: random-init GPT of preset `{args.preset}` in {args.dtype} with the character tokenizer; {m} new tokens per "
             f"request, temperature 0.8; medians of {args.repeats} interleaved rounds.")
-    publish(args, {"serve_load": block(command_line("benchmarks/serve_load.py"), "\n".join(table), note)})
+    publish(args, {args.section: block(command_line("benchmarks/serve_load.py"), "\n".join(table), note)})
 
 
 if __name__ == "__main__":
