@@ -104,7 +104,13 @@ def test_import_sharded_safetensors(tmp_path):
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, **SMALL)).eval()
     hf.save_pretrained(tmp_path / "hf", max_shard_size="1MB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
-    import_hf(tmp_path / "hf", tmp_path / "run", tokenizer_dir=GPT2_TOK if GPT2_TOK.is_dir() else None)
+    if GPT2_TOK.is_dir():
+        import_hf(tmp_path / "hf", tmp_path / "run", tokenizer_dir=GPT2_TOK)
+    else:  # a clone without shared/data: a small BPE stands in for GPT-2's
+        from lmforge.interop import write_hf_tokenizer
+
+        write_hf_tokenizer(BPETokenizer.train("a small text for a stand-in tokenizer. " * 50, 300), tmp_path / "hf")
+        import_hf(tmp_path / "hf", tmp_path / "run")
     model, _ = load_run(tmp_path / "run")
     ids = torch.randint(0, 50257, (1, 16))
     with torch.no_grad():
