@@ -75,7 +75,8 @@ from lmforge.train.finetune import build_finetune_trainer
 floor = rss_mib("VmRSS")
 lora = LoRAConfig(r=8, alpha=16.0, dropout=0.0, targets={targets!r})
 sets = ["max_iters={steps}", "batch_size=1", "eval_iters=2", "eval_interval=1000000", "log_interval=1",
-        "learning_rate=5e-3", "warmup_iters=0", "device=cpu", "seed=0", "dtype={dtype}"]
+        "learning_rate=5e-3", "warmup_iters=0", "device=cpu", "seed=0", "dtype={dtype}",
+        "activation_checkpointing={ckpt}"]
 tr = build_finetune_trainer({run!r}, {data!r}, {out!r}, "lora", lora, overrides=sets, progress=False,
                             verbose=False, base_dtype={fmt!r})
 loaded = rss_mib("VmRSS") - floor
@@ -105,6 +106,8 @@ def main() -> None:
                     choices=["float32", "bfloat16", "int8", "nf4"],
                     help="base dtypes to run (the first is the reference of the x column)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the trainer's compute dtype")
+    ap.add_argument("--activation-checkpointing", action="store_true",
+                    help="train with activation_checkpointing=true (each block recomputed in backward)")
     ap.add_argument("--workdir", default=None, help="where to write the ~2.5 GB of files (default: a temp dir)")
     add_doc_args(ap, "docs/finetuning.md")
     args = ap.parse_args()
@@ -118,7 +121,8 @@ def main() -> None:
         results = {}
         for fmt in args.formats:
             script = STEP.format(bench=str(ROOT / "benchmarks"), targets=TARGETS, steps=args.steps,
-                                 dtype=args.dtype, run=str(run), data=str(data), out=str(work / f"ft_{fmt}"), fmt=fmt)
+                                 dtype=args.dtype, run=str(run), data=str(data), out=str(work / f"ft_{fmt}"), fmt=fmt,
+                                 ckpt=str(args.activation_checkpointing).lower())
             res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
             if res.returncode:
                 sys.exit(f"{fmt}: the fine-tuning process failed:\n{res.stderr[-3000:]}")
@@ -137,10 +141,13 @@ def main() -> None:
             "|---|---|---|---|---|---|---|---|---|---|", *rows])
         note = (f"Llama-3.2-1B shape (1.24 B parameters, tied), random init, bf16 checkpoint; LoRA r=8 on "
                 f"{', '.join(TARGETS)} ({args.steps} steps, batch 1 x {args.tokens} tokens, AdamW lr 5e-3, "
-                f"trainer dtype {args.dtype}, the same seed and batches for every base). Memory is RSS above "
+                f"trainer dtype {args.dtype}, activation checkpointing "
+                f"{'on' if args.activation_checkpointing else 'off'}, the same seed and batches for every base). "
+                "Memory is RSS above "
                 f"the process floor (torch and lmforge imported), each base in its own process; "
                 f"'val loss after' is the mean over 2 held-out batches after the last step.")
-        name = "qlora_memory" if args.dtype == "float32" else f"qlora_memory_{args.dtype}"
+        name = ("qlora_memory" if args.dtype == "float32" else f"qlora_memory_{args.dtype}") + \
+            ("_checkpointed" if args.activation_checkpointing else "")
         publish(args, {name: block(command_line("benchmarks/qlora_memory.py"), table, note)})
     finally:
         shutil.rmtree(work, ignore_errors=True)

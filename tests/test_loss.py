@@ -169,3 +169,47 @@ def test_float16_gradients_do_not_underflow():
     for a, b in zip(got, ref):
         assert a.dtype == torch.float32
         assert ((a / 2.0**16 - b).abs().max() / b.abs().max()).item() < 1e-2
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_a_head_without_one_weight_is_recomputed_a_chunk_at_a_time(monkeypatch, smoothing):
+    """A head module that is not h @ W.T + b for one W (here a Linear behind a scale, as a
+    quantized frozen head is): head_loss takes chunks of tokens and recomputes their logits in
+    backward; loss and gradients equal the whole logits' (float64: 1e-12)."""
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 300)  # 300 // 40 = 7 tokens a chunk
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(16, 40).double()
+    head = torch.nn.Sequential(lin, torch.nn.Hardtanh(-3, 3))
+    head.out_features = 40
+    h = torch.randn(5, 9, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, 40, (5, 9), generator=g)
+    t[0, :4] = -1  # ignored positions
+    ours = loss_module.head_loss(h, head, t, label_smoothing=smoothing)
+    ours.backward()
+    got = (h.grad.clone(), lin.weight.grad.clone())
+    h.grad, lin.weight.grad = None, None
+    ref = F.cross_entropy(head(h).reshape(-1, 40), t.reshape(-1), ignore_index=-1, label_smoothing=smoothing)
+    ref.backward()
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got[0], h.grad, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got[1], lin.weight.grad, atol=1e-12, rtol=1e-12)
+    with torch.no_grad():
+        assert loss_module.head_loss(h, head, t) is None  # no gradient needed: whole logits
+
+
+@pytest.mark.parametrize("extra", [{}, {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2}])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(extra):
+    cfg = dict(vocab_size=50, block_size=16, n_layer=3, n_head=4, n_embd=32, dropout=0.0, **extra)
+    torch.manual_seed(0)
+    plain = build_model("gpt", cfg).double().train()
+    recomputed = copy.deepcopy(plain)
+    recomputed.activation_checkpointing = True
+    x, y = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
+    grads = []
+    for m in (plain, recomputed):
+        _, loss = m(x, y)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad for p in m.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-12, rtol=1e-12)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

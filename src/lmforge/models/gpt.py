@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch import nn
 
 from ..nn import MLP, KVCache, LearnedPositions, MultiHeadAttention, RotaryEmbedding, SinusoidalPositions, make_norm
@@ -145,6 +146,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.activation_checkpointing = False  # training: recompute each block in backward (the trainer sets it)
         self.apply(self._init_weights)
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 n_layer),
         # so the stream's variance does not grow with depth.
@@ -198,8 +200,12 @@ class GPT(nn.Module):
         if rope is not None and positions.dim() == 2:
             rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, hd): the same for every head
         x = self.drop(x)
+        recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, rope=rope, cache=cache, mask=mask, positions=positions)
+            if recompute:
+                x = checkpoint(block, x, rope, None, mask, positions, use_reentrant=False)
+            else:
+                x = block(x, rope=rope, cache=cache, mask=mask, positions=positions)
         if cache is not None:
             cache.advance(T)
         x = self.ln_f(x)

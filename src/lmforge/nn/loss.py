@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # logits elements alive at once (64 MiB in float32); below this one chunk covers every token
 CHUNK_ELEMENTS = 1 << 24
@@ -101,15 +102,34 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
 def head_loss(h: torch.Tensor, head: nn.Module, targets: torch.Tensor, ignore_index: int = -1,
               label_smoothing: float = 0.0) -> torch.Tensor | None:
     """The mean cross-entropy of head(h) against targets without making its logits whole; None
-    when they are small (making them is then the fastest way) or the head's output is not
-    h @ W.T + b for one weight W. Then the caller makes the logits as usual."""
+    when they are small (making them is then the fastest way), or when the head's output is not
+    h @ W.T + b for one weight W and no gradient is needed. Then the caller makes the logits."""
     if targets.numel() * getattr(head, "out_features", 0) <= CHUNK_ELEMENTS:
         return None
     weight = head_weight(head)
-    if weight is None:
-        return None
+    if weight is None:  # training needs the memory; without gradients whole logits are fastest
+        return recomputed_chunk_loss(h, head, targets, ignore_index, label_smoothing) if torch.is_grad_enabled() else None
     return chunked_cross_entropy(h, weight, targets, head.bias, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, chunk_elements=CHUNK_ELEMENTS)
+
+
+def recomputed_chunk_loss(h: torch.Tensor, head: nn.Module, targets: torch.Tensor, ignore_index: int = -1,
+                          label_smoothing: float = 0.0) -> torch.Tensor:
+    """The mean cross-entropy of head(h) for any head module (e.g. a quantized frozen one, which
+    has no weight to hand to chunked_cross_entropy), a chunk of tokens at a time: each chunk's
+    logits are made, reduced to a loss and dropped, then made again in backward (activation
+    checkpointing of the head), so only one chunk's logits ever exist."""
+    h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+    rows = max(1, CHUNK_ELEMENTS // max(getattr(head, "out_features", 1), 1))
+
+    def chunk_loss(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        z = head(hc)
+        z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z  # the softmax in >= fp32
+        return F.cross_entropy(z, tc, ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing)
+
+    total = sum(checkpoint(chunk_loss, h[i:i + rows], targets[i:i + rows], use_reentrant=False)
+                for i in range(0, h.size(0), rows))
+    return total / (targets != ignore_index).sum().clamp(min=1)
 
 
 def head_weight(head: nn.Module) -> torch.Tensor | None:

@@ -29,6 +29,9 @@ class TrainConfig(ConfigBase):
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast for the forward pass)
     compile: bool = False
+    # keep only each block's input through the forward pass and recompute the block in backward:
+    # activation memory of one block instead of all, for about a third more compute
+    activation_checkpointing: bool = False
     fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state (FSDP2) instead of DDP
 
     def validate(self) -> None:

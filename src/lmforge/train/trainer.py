@@ -82,6 +82,11 @@ class Trainer:
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.progress, self.eval_hook = progress and self.rank == 0, eval_hook
         self.model = model.to(self.device)
+        if cfg.activation_checkpointing:
+            if not hasattr(model, "activation_checkpointing"):
+                raise LMForgeError(f"activation_checkpointing: the {type(model).__name__} model has no blocks "
+                                   "to recompute; it applies to GPT runs")
+            model.activation_checkpointing = True
         if self.world_size > 1 and hasattr(data, "for_rank"):
             data.for_rank(self.rank)  # each process draws its own batches
         if cfg.fsdp and self.world_size == 1:
