@@ -176,7 +176,7 @@ def test_a_head_without_one_weight_is_recomputed_a_chunk_at_a_time(monkeypatch, 
     """A head module that is not h @ W.T + b for one W (here a Linear behind a scale, as a
     quantized frozen head is): head_loss takes chunks of tokens and recomputes their logits in
     backward; loss and gradients equal the whole logits' (float64: 1e-12)."""
-    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 300)  # 300 // 40 = 7 tokens a chunk
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 1200)  # 1200 // 4 // 40 = 7 tokens a chunk
     g = torch.Generator().manual_seed(3)
     lin = torch.nn.Linear(16, 40).double()
     head = torch.nn.Sequential(lin, torch.nn.Hardtanh(-3, 3))

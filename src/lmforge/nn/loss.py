@@ -120,7 +120,9 @@ def recomputed_chunk_loss(h: torch.Tensor, head: nn.Module, targets: torch.Tenso
     logits are made, reduced to a loss and dropped, then made again in backward (activation
     checkpointing of the head), so only one chunk's logits ever exist."""
     h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
-    rows = max(1, CHUNK_ELEMENTS // max(getattr(head, "out_features", 1), 1))
+    # a quarter of chunked_cross_entropy's chunk: such a head's own product holds copies of the
+    # chunk's logits (its compute dtype, then float32, then their gradient) beside it
+    rows = max(1, CHUNK_ELEMENTS // 4 // max(getattr(head, "out_features", 1), 1))
 
     def chunk_loss(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
         z = head(hc)
