@@ -193,8 +193,9 @@ def test_a_head_without_one_weight_is_recomputed_a_chunk_at_a_time(monkeypatch, 
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(got[0], h.grad, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(got[1], lin.weight.grad, atol=1e-12, rtol=1e-12)
-    with torch.no_grad():
-        assert loss_module.head_loss(h, head, t) is None  # no gradient needed: whole logits
+    with torch.no_grad():  # evaluation: the same chunks, without the recomputation
+        torch.testing.assert_close(loss_module.head_loss(h, head, t, label_smoothing=smoothing), ref.detach(),
+                                   atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("extra", [{}, {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2}])

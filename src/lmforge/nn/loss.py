@@ -102,13 +102,12 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
 def head_loss(h: torch.Tensor, head: nn.Module, targets: torch.Tensor, ignore_index: int = -1,
               label_smoothing: float = 0.0) -> torch.Tensor | None:
     """The mean cross-entropy of head(h) against targets without making its logits whole; None
-    when they are small (making them is then the fastest way), or when the head's output is not
-    h @ W.T + b for one weight W and no gradient is needed. Then the caller makes the logits."""
+    when they are small (making them is then the fastest way); the caller then makes them."""
     if targets.numel() * getattr(head, "out_features", 0) <= CHUNK_ELEMENTS:
         return None
     weight = head_weight(head)
-    if weight is None:  # training needs the memory; without gradients whole logits are fastest
-        return recomputed_chunk_loss(h, head, targets, ignore_index, label_smoothing) if torch.is_grad_enabled() else None
+    if weight is None:  # e.g. a quantized frozen head: chunks of tokens through the module itself
+        return recomputed_chunk_loss(h, head, targets, ignore_index, label_smoothing)
     return chunked_cross_entropy(h, weight, targets, head.bias, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, chunk_elements=CHUNK_ELEMENTS)
 
