@@ -342,3 +342,39 @@ def test_max_context_caps_the_kv_cache_and_requests(loaded):
             c.completions.create(model=NAME, prompt="x" * 30, max_tokens=5)  # 35 > 32 < BLOCK
         assert e.value.code == "context_length_exceeded" and "32" in str(e.value)
         assert len(c.completions.create(model=NAME, prompt="x" * 20, max_tokens=5).choices[0].text) <= 5
+
+
+def test_serve_adapter_answers_as_the_adapted_model(run_dir, tmp_path):
+    """`lmforge serve --adapter DIR` loads the adapter onto the run: the chat route's greedy answer
+    is the adapted model's, and differs from the base's."""
+    import argparse
+
+    from lmforge.adapters import save_adapter
+    from lmforge.checkpoint import load_run, read_run_config
+    from lmforge.cli.serve import register
+    from lmforge.cli.sample import load_for_inference
+    from lmforge.nn.lora import apply_lora
+
+    model, _ = load_run(run_dir, inference=False)
+    apply_lora(model, ["attn.qkv", "attn.proj"], r=4, alpha=8, dropout=0.0)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)
+    save_adapter(model, tmp_path / "ad", base_config=read_run_config(run_dir))
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--run", str(run_dir), "--adapter", str(tmp_path / "ad")])
+    adapted, tok = load_for_inference(args)
+    msgs = [{"role": "user", "content": "Who art thou?"}]
+    prompt = render_chat([(m["role"], m["content"]) for m in msgs])
+    ref_model, _ = lmforge.load(run_dir, adapter=tmp_path / "ad")
+    expected = lmforge.generate(ref_model, tok, prompt, max_new_tokens=15, temperature=0, stop=["\nUser:", "\nSystem:"])
+    base_model, _ = lmforge.load(run_dir)
+    assert expected != lmforge.generate(base_model, tok, prompt, max_new_tokens=15, temperature=0,
+                                        stop=["\nUser:", "\nSystem:"])  # the adapter matters
+    with live_server(create_app(adapted, tok, model_name=NAME)) as base:
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=15, temperature=0)
+    assert r.choices[0].message.content == expected
