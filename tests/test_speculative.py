@@ -1,7 +1,6 @@
 """Speculative decoding changes how fast tokens come, never which tokens (greedy) or their
 distribution (sampling)."""
 
-import itertools
 
 import pytest
 import torch

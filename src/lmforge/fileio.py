@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -55,3 +56,12 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LMForgeError(f"{what} {path} is not valid JSON ({e}); was it truncated or overwritten?")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """A file's SHA-256, read a MiB at a time (what a run records of the data it was made from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

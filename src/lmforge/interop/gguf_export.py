@@ -36,7 +36,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from ..checkpoint import read_run_config
 from ..errors import LMForgeError
@@ -46,6 +45,7 @@ from ..nn.positional import sinusoidal_table
 from ..nn.rope_scaling import llama3_frequencies
 from ..tokenizers import load_tokenizer
 from .gguf_tokenizer import gguf_vocab, write_vocab
+from .hf_weights import open_run_weights
 
 QTYPES = ("f32", "f16", "bf16", "q8_0")
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama.cpp's LLAMA_FTYPE_*
@@ -288,13 +288,7 @@ class _LazyWeights(Mapping):
 
 @contextmanager
 def _open_weights(path: Path) -> Iterator[_LazyWeights]:
-    if not path.is_file():
-        raise LMForgeError(f"weights not found: {path}")
-    try:
-        handle = safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors' own error type for a bad header
-        raise LMForgeError(f"{path} is not a readable safetensors file ({e}); the checkpoint is corrupt") from None
-    yield _LazyWeights(handle)
+    yield _LazyWeights(open_run_weights(path))
 
 
 __all__ = ["export_gguf", "gguf_arch", "gguf_tensors", "rope_interleave_rows", "QTYPES"]

@@ -20,7 +20,7 @@ no tensor needs permuting.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import LMForgeError

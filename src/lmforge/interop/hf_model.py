@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
 
 from ..chat.template import (ChatTemplate, load_chat_template, read_hf_chat_template, save_chat_template,
                              write_hf_chat_template)
@@ -33,7 +32,7 @@ from ..tokenizers import BPETokenizer, Tokenizer, load_tokenizer
 from ..tokenizers.hf_bpe import HFBPETokenizer
 from .hf_families import Family, family_for, family_of, part_rows
 from .hf_tokenizer import read_hf_tokenizer, write_hf_tokenizer
-from .hf_weights import TORCH_DTYPES, HFWeights, write_safetensors, write_sharded
+from .hf_weights import TORCH_DTYPES, HFWeights, open_run_weights, write_safetensors, write_sharded
 from .peft import export_peft_adapter, read_peft_adapter, write_imported_adapter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -211,12 +210,7 @@ def export_hf(run: str | Path, out: str | Path, adapter: str | Path | None = Non
         raise LMForgeError(f"the run's {tok.kind!r} tokenizer has no Hugging Face form; "
                            "export the weights alone with --no-tokenizer")
     path = run / "model.safetensors"
-    if not path.is_file():
-        raise LMForgeError(f"weights not found: {path}")
-    try:
-        handle = safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors' own error type for a bad header
-        raise LMForgeError(f"{path} is not a readable safetensors file ({e}); the checkpoint is corrupt") from None
+    handle = open_run_weights(path)
     plan = tensor_plan(family, cfg)
     stored = set(handle.keys())
     missing = [name for name, *_ in plan if name not in stored]

@@ -96,6 +96,17 @@ class HFWeights:
 
 
 # --- writing ----------------------------------------------------------------------------------
+def open_run_weights(path: Path):
+    """safetensors' handle on a run's model.safetensors, or a one-line error for a missing or
+    corrupt file."""
+    if not path.is_file():
+        raise LMForgeError(f"weights not found: {path}")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors' own error type for a bad header
+        raise LMForgeError(f"{path} is not a readable safetensors file ({e}); the checkpoint is corrupt") from None
+
+
 def write_safetensors(path: str | Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
                       produce: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file (atomically) whose tensors are `specs` (name, dtype, shape), in

@@ -3,13 +3,13 @@ kept in OUT/finetune.json for --resume, and the one call that reads, splits and 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ..chat.format import ChatFormat
 from ..errors import LMForgeError
+from ..fileio import file_sha256
 from .batches import SFTBatches, count_tokens
 from .examples import OVERLONG, hold_out, load_examples
 
@@ -44,14 +44,6 @@ class SFTOptions:
         if self.max_length is not None and not 2 <= self.max_length <= block_size:
             raise LMForgeError(f"--max-length must be between 2 and the model's block_size {block_size}, "
                                f"not {self.max_length}")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def data_fingerprint(train: str | Path, opts: SFTOptions) -> dict[str, str | None]:

@@ -20,7 +20,6 @@ the base run's chat format, loss on the answers only, padded or packed batches.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from ..checkpoint import load_weights, read_run_config
 from ..config import parse_overrides
 from ..data import TokenBatches, TokenData
 from ..errors import LMForgeError
-from ..fileio import read_json, write_json
+from ..fileio import file_sha256, read_json, write_json
 from ..models import build_model
 from ..nn.lora import LoRAConfig, apply_lora, lora_report
 from ..nn.quantized_base import BASE_DTYPES
@@ -49,14 +48,6 @@ FINETUNE_FORMAT = "lmforge-finetune"
 # model settings a fine-tuning run may change: they alter training, not the weights' shapes
 CHANGEABLE_MODEL_KEYS = ("dropout",)
 LM_KINDS = ("gpt", "nnlm")  # models trained on TokenData's next-token batches
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class FinetuneTrainer(Trainer):
