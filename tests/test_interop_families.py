@@ -257,7 +257,7 @@ def test_sliding_window_holds_in_the_batched_serving_cache():
     """Rows at different offsets (the server's SlotKVCache, explicit positions and masks),
     decoding past the window: each row's logits equal a full forward of its own sequence."""
     from lmforge.models.gpt import GPT, GPTConfig
-    from lmforge.serve.engine import SlotKVCache
+    from lmforge.serve.slots import SlotKVCache
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,

@@ -37,6 +37,13 @@ def register(sub) -> None:
                    help="on SIGTERM/SIGINT, running requests get S seconds to finish (default 30)")
     p.add_argument("--log-prompts", action="store_true", help="put prompt text in the access log (default: not)")
     p.add_argument("--access-log", action="store_true", help="one JSON line per request on stderr")
+    p.add_argument("--draft", default=None, metavar="RUN",
+                   help="speculative decoding: a smaller run with the same tokenizer proposes tokens for every "
+                        "active request, and the model checks them in one batched pass (same outputs)")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes a round (default 4)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with a torch.compile'd step over all --max-batch rows and --max-context columns, "
+                        "compiled at start-up (seconds to minutes, printed); eager stays the default")
     add_device_args(p)
     p.set_defaults(func=run)
 
@@ -57,13 +64,23 @@ def run(args: argparse.Namespace) -> int:
                            "--max-body-bytes >= 1")
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
     host = args.host or "127.0.0.1"  # no key and no explicit --host: loopback only
+    if args.draft_tokens < 1:
+        raise LMForgeError(f"--draft-tokens must be >= 1, not {args.draft_tokens}")
     model, tok = load_for_inference(args)
+    draft = None
+    if args.draft is not None:
+        from .sample import load_draft
+
+        draft = load_draft(args, tok)
     name = args.model_name or Path(args.run).resolve().name
     app = create_app(model, tok, model_name=name, api_key=api_key, max_batch=args.max_batch,
                      max_tokens_limit=args.max_tokens, max_queue=args.max_queue,
                      request_timeout=args.request_timeout or None, max_body_bytes=args.max_body_bytes,
                      log_prompts=args.log_prompts, max_context=args.max_context,
-                     chat=chat_format(tok, args.run))  # the run's chat template and EOS ids
+                     chat=chat_format(tok, args.run),  # the run's chat template and EOS ids
+                     draft=draft, draft_tokens=args.draft_tokens, compile=args.compile)
+    if args.compile:
+        print(f"compiled the decode step in {app.state.engine.compile_seconds:.1f} s", flush=True)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{args.port}"
     print(f"serving {name!r} at {url}/v1 (playground: {url}/)"

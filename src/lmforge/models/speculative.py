@@ -48,6 +48,25 @@ def _residual_sample(p: torch.Tensor, q: torch.Tensor, generator) -> int:
     return int(torch.multinomial(r / r.sum(), 1, generator=generator))
 
 
+def accept(p: torch.Tensor, qs: list[torch.Tensor], guesses: list[int], greedy: bool,
+           generator: torch.Generator | None = None) -> tuple[int, int]:
+    """The target's verdict on one round: p (n + 1, V) its distributions after the last token
+    and after each of the n guesses, qs the draft's n distributions. Returns (guesses kept,
+    the token that follows them): the first refused guess is replaced by a draw from
+    max(0, p - q); with every guess kept, p's last row gives one more token."""
+    kept = 0
+    for i, d in enumerate(guesses):
+        ok = (int(p[i].argmax()) == d if greedy else
+              float(torch.rand((), generator=generator)) * float(qs[i][d]) < float(p[i, d]))
+        if not ok:
+            break
+        kept += 1
+    n = len(guesses)
+    if kept < n:
+        return kept, int(p[kept].argmax()) if greedy else _residual_sample(p[kept], qs[kept], generator)
+    return kept, int(p[n].argmax()) if greedy else int(torch.multinomial(p[n], 1, generator=generator))
+
+
 @torch.no_grad()
 def speculative_steps(target, draft, idx: torch.Tensor, max_new_tokens: int, k: int = 4,
                       temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -97,17 +116,7 @@ def speculative_steps(target, draft, idx: torch.Tensor, max_new_tokens: int, k: 
                     logits = _forward(draft, [d], d_cache, device)
             p = probabilities(_forward(target, [last, *guesses], t_cache, device),
                               temperature, top_k, top_p)  # (n + 1, V): after last, after each guess
-            kept = 0
-            for i, d in enumerate(guesses):
-                ok = (int(p[i].argmax()) == d if greedy else
-                      float(torch.rand((), generator=generator)) * float(qs[i][d]) < float(p[i, d]))
-                if not ok:
-                    break
-                kept += 1
-            if kept < n:
-                last = int(p[kept].argmax()) if greedy else _residual_sample(p[kept], qs[kept], generator)
-            else:  # every guess kept: the target's last row gives one more token for free
-                last = int(p[n].argmax()) if greedy else int(torch.multinomial(p[n], 1, generator=generator))
+            kept, last = accept(p, qs, guesses, greedy, generator)
             stats.rounds, stats.proposed, stats.accepted = stats.rounds + 1, stats.proposed + n, stats.accepted + kept
             # keep the cached positions of what was emitted; later slots get overwritten
             t_cache.pos = base + 1 + kept

@@ -88,7 +88,8 @@ def create_app(model, tokenizer, model_name: str = "lmforge", api_key: str | Non
                max_batch: int = 16, max_tokens_limit: int | None = None, max_queue: int = 256,
                request_timeout: float | None = 600.0, max_body_bytes: int = 1 << 20,
                log_prompts: bool = False, max_context: int | None = None,
-               chat: ChatFormat | None = None) -> FastAPI:
+               chat: ChatFormat | None = None, draft=None, draft_tokens: int = 4,
+               compile: bool = False) -> FastAPI:
     """An OpenAI-compatible app serving `model`. With `api_key`, every /v1 path needs
     `Authorization: Bearer <api_key>`. At most `max_batch` sequences decode together (a
     request's n choices count separately); n may not exceed it. Past `max_queue` waiting
@@ -97,9 +98,12 @@ def create_app(model, tokenizer, model_name: str = "lmforge", api_key: str | Non
     `max_context` caps the positions a request may use (prompt + max_tokens) below the model's
     block_size, and with them the KV cache allocated for max_batch rows. `chat`: how the chat route
     renders messages and where every route stops (`lmforge.chat.chat_format(tokenizer, run_dir)`:
-    the run's own template and EOS ids); default: the plain "User:/Assistant:" format."""
+    the run's own template and EOS ids); default: the plain "User:/Assistant:" format. `draft`: a
+    smaller model with the same tokenizer for speculative decoding (`draft_tokens` a round).
+    `compile`: decode with a torch.compile'd step, compiled before the app is returned."""
     fmt_chat = chat or chat_format(tokenizer)
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_context=max_context)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_context=max_context, draft=draft,
+                    draft_tokens=draft_tokens, compile=compile)
     block = engine.block_size
     limit = min(max_tokens_limit or block, block)
     page = resources.files("lmforge.serve").joinpath("static/playground.html").read_text(encoding="utf-8")

@@ -19,60 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..nn.attention import KVCache
 from ..sampling import sample_next
+from .slots import SlotKVCache
 from .text import Detokenizer
-
-
-class SlotKVCache(KVCache):
-    """A KVCache whose rows have their own lengths (`lens`). Set the mode before each forward:
-    `prefill(row, n)` writes a prompt into rows [row, row + n) from column 0; `decode(S)` makes
-    rows [0, S) each append one token after their own last column."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        batch = self.k.shape[1]
-        self.lens = [0] * batch  # filled columns of each row
-        self._rows = slice(0, 0)
-        self._cols: torch.Tensor | None = None  # decode: the column each row writes, (S,)
-        self._end = 0
-
-    def prefill(self, row: int, n: int) -> None:
-        self._rows, self._cols, self.pos = slice(row, row + n), None, 0
-        for i in range(row, row + n):  # the rows may have served an earlier sequence
-            self.lens[i] = 0
-
-    def decode(self, S: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the positions (S, 1) of the new tokens and the attention mask (S, 1, 1, end)."""
-        device = self.k.device
-        self._rows = slice(0, S)
-        self._cols = torch.tensor(self.lens[:S], device=device)  # (S,)
-        self._end = max(self.lens[:S]) + 1
-        cols = torch.arange(self._end, device=device)  # (end,)
-        mask = cols[None, :] <= self._cols[:, None]  # (S, end): a row sees its own columns only
-        return self._cols[:, None], mask[:, None, None, :]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self._rows
-        if self._cols is None:  # prefill: k, v (n, nkv, T, hs) from column 0
-            T = k.shape[2]
-            self.k[layer, rows, :, :T] = k
-            self.v[layer, rows, :, :T] = v
-            return self.k[layer, rows, :, :T], self.v[layer, rows, :, :T]
-        r = torch.arange(k.shape[0], device=k.device)  # decode: k, v (S, nkv, 1, hs)
-        self.k[layer, r, :, self._cols] = k[:, :, 0]  # row i writes column cols[i]
-        self.v[layer, r, :, self._cols] = v[:, :, 0]
-        return self.k[layer, rows, :, :self._end], self.v[layer, rows, :, :self._end]
-
-    def advance(self, n: int) -> None:
-        for i in range(self._rows.start, self._rows.stop):
-            self.lens[i] += n
-
-    def move(self, src: int, dst: int) -> None:
-        """Row src's cache becomes row dst's (every layer)."""
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
-        self.lens[dst] = self.lens[src]
 
 
 @dataclass
@@ -145,6 +94,7 @@ class _Seq:
     generator: torch.Generator
     generated: int = 0
     last: int = 0  # the token to feed next
+    prev: int = 0  # the token before it (speculative decoding feeds it to the draft)
     done: bool = False
 
 
@@ -158,9 +108,14 @@ class EngineStats:
 
 
 class Engine:
-    """Runs `model` on a background thread over up to `max_batch` sequences at once."""
+    """Runs `model` on a background thread over up to `max_batch` sequences at once. With a
+    `draft` model (same vocabulary), every step is a speculative round: the draft proposes
+    `draft_tokens` tokens per row and the model checks them in one pass (serve/speculative.py).
+    `compile`: decode with a torch.compile'd step over all max_batch rows (serve/compiled.py),
+    compiled here, before the first request; `compile_seconds` says how long it took."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 16, max_context: int | None = None):
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_context: int | None = None,
+                 draft=None, draft_tokens: int = 4, compile: bool = False):
         if not hasattr(model, "make_cache"):
             from ..errors import LMForgeError
 
@@ -170,9 +125,30 @@ class Engine:
         # the KV cache holds max_batch x block_size positions per layer, allocated up front: an
         # imported Llama 3 (131,072 positions) would need tens of GB, so a server may cap it
         self.block_size: int = min(model.config.block_size, max_context or model.config.block_size)
+        dtype = next(model.parameters()).dtype
+        self.speculator = None
+        if draft is not None:
+            from .speculative import Speculator
+
+            if draft.config.vocab_size != model.config.vocab_size:
+                from ..errors import LMForgeError
+
+                raise LMForgeError(f"the draft's vocabulary ({draft.config.vocab_size}) differs from the model's "
+                                   f"({model.config.vocab_size}); use a draft trained with the same tokenizer")
+            self.speculator = Speculator(draft, draft_tokens, max_batch, self.block_size, self.device, dtype)
+        spare = draft_tokens + 1 if draft is not None else 0  # columns for guesses past a row's end
         self.cache = SlotKVCache(model.config.n_layer, max_batch, *self._kv_shape(model),
-                                 max_len=self.block_size, device=self.device,
-                                 dtype=next(model.parameters()).dtype)
+                                 max_len=self.block_size + spare, device=self.device, dtype=dtype)
+        self.compiled, self.compile_seconds = None, 0.0
+        if compile:
+            from .compiled import CompiledStep
+
+            if draft is not None:
+                from ..errors import LMForgeError
+
+                raise LMForgeError("a compiled step and a draft model do not combine; choose one")
+            self.compiled = CompiledStep(self.model, self.cache)
+            self.compile_seconds = self.compiled.compile_seconds
         self.rows: list[_Seq] = []  # row i of the cache belongs to rows[i]
         self.pending: list[Handle] = []
         self.stats = EngineStats()
@@ -195,12 +171,17 @@ class Engine:
             self._cv.notify()
         return handle
 
-    def load(self) -> dict[str, int]:
+    def load(self) -> dict[str, int | float]:
         with self._cv:
-            return {"active": len(self.rows), "queued": sum(h.n for h in self.pending),
-                    "slots": self.max_batch, "finished": self.stats.finished,
-                    "cancelled": self.stats.cancelled, "dropped": self.stats.dropped,
-                    "aborted": self.stats.aborted, "tokens_generated": self.stats.tokens}
+            out = {"active": len(self.rows), "queued": sum(h.n for h in self.pending),
+                   "slots": self.max_batch, "finished": self.stats.finished,
+                   "cancelled": self.stats.cancelled, "dropped": self.stats.dropped,
+                   "aborted": self.stats.aborted, "tokens_generated": self.stats.tokens}
+            if self.speculator is not None:  # the share of the draft's guesses the model kept
+                spec = self.speculator.stats
+                out.update(draft_rounds=spec.rounds, draft_proposed=spec.proposed,
+                           draft_acceptance=round(spec.acceptance_rate, 4))
+            return out
 
     def queued(self) -> int:
         """Requests waiting for a row."""
@@ -280,8 +261,10 @@ class Engine:
                 gen.manual_seed((p.seed + c) % 2**64)  # choice c of seed s is reproducible on its own
             else:
                 gen.seed()
-            seqs.append(_Seq(handle, c, Detokenizer(self.tokenizer, p.stop), gen))
+            seqs.append(_Seq(handle, c, Detokenizer(self.tokenizer, p.stop), gen, last=handle.prompt_ids[-1]))
         self.rows.extend(seqs)
+        if self.speculator is not None:
+            self.speculator.prefill(row, n, handle.prompt_ids)
         if p.max_tokens == 0:
             for s in seqs:
                 self._finish(s, "length")
@@ -293,6 +276,13 @@ class Engine:
         S = len(self.rows)
         if S == 0:
             return
+        if self.speculator is not None:
+            for s, (toks, logits) in zip(list(self.rows), self.speculator.round(self.model, self.cache, self.rows)):
+                self._report([s] * len(toks), torch.tensor(toks), logits)
+            return
+        if self.compiled is not None:
+            self._sample(self.rows, self.compiled.step([s.last for s in self.rows]))
+            return
         idx = torch.tensor([[s.last] for s in self.rows], device=self.device)  # (S, 1)
         positions, mask = self.cache.decode(S)
         logits = self.model(idx, cache=self.cache, positions=positions, mask=mask)  # (S, 1, V)
@@ -303,6 +293,11 @@ class Engine:
         toks = torch.stack([sample_next(logits[i:i + 1], s.handle.params.temperature, s.handle.params.top_k,
                                         s.handle.params.top_p, s.generator)[0]
                             for i, s in enumerate(seqs)])  # (k,)
+        self._report(seqs, toks, logits)
+
+    def _report(self, seqs: list[_Seq], toks: torch.Tensor, logits: torch.Tensor) -> None:
+        """Token toks[i] of seqs[i], drawn from logits[i]; a sequence may appear several times
+        in a row (speculative rounds), and tokens after it has finished are dropped."""
         want = [s.handle.params.logprobs for s in seqs]
         chosen = top_vals = top_ids = None
         if any(w is not None for w in want):
@@ -320,7 +315,7 @@ class Engine:
             if t == eot or t in s.handle.params.stop_ids:
                 self._finish(s, "stop")
                 continue
-            s.last, s.generated = t, s.generated + 1
+            s.prev, s.last, s.generated = s.last, t, s.generated + 1
             self.stats.tokens += 1
             ev = Event(s.choice, s.detok.push(t), t)
             if want[i] is not None:
@@ -368,5 +363,7 @@ class Engine:
             last = len(self.rows) - 1
             if r != last:
                 self.cache.move(last, r)
+                if self.speculator is not None:
+                    self.speculator.move(last, r)
                 self.rows[r] = self.rows[last]
             self.rows.pop()
