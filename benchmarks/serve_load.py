@@ -58,8 +58,11 @@ def prompts(n: int) -> list[str]:
     return [lines[i % len(lines)] for i in range(n)]
 
 
+TEMPERATURE = 0.8
+
+
 async def one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, seed: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed,
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": TEMPERATURE, "seed": seed,
             "stream": True}
     t0 = time.perf_counter()
     first = None
@@ -110,15 +113,16 @@ def library_speed(run_dir: Path, n: int, max_tokens: int, dtype: str = "float32"
     lmforge.generate(model, tok, "warm", max_new_tokens=4)
     t0 = time.perf_counter()
     for i, p in enumerate(prompts(n)):
-        lmforge.generate(model, tok, p, max_new_tokens=max_tokens, temperature=0.8, seed=i)
+        lmforge.generate(model, tok, p, max_new_tokens=max_tokens, temperature=TEMPERATURE, seed=i)
     wall = time.perf_counter() - t0
     return {"tokens": n * max_tokens, "wall": wall, "tok_s": n * max_tokens / wall}
 
 
 def start_server(run_dir: Path, port: int, max_batch: int, threads: int,
-                 dtype: str = "float32") -> tuple[subprocess.Popen, str]:
+                 dtype: str = "float32", draft: Path | None = None) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "lmforge", "serve", "--run", str(run_dir), "--port", str(port),
            "--max-batch", str(max_batch), "--device", "cpu", "--model-name", "bench", "--dtype", dtype]
+    cmd += ["--draft", str(draft)] if draft else []
     env = {**os.environ, "LMFORGE_API_KEY": "", "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -143,18 +147,31 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and the library run")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the server's dtype")
     ap.add_argument("--section", default="serve_load", help="the docs section the table goes in (default serve_load)")
+    ap.add_argument("--run", type=Path, default=None, help="serve this run instead of a random-init --preset model")
+    ap.add_argument("--draft", type=Path, default=None,
+                    help="also run every setting against a server with --draft RUN (speculative decoding)")
+    ap.add_argument("--temperature", type=float, default=0.8, help="the requests' temperature (default 0.8)")
     add_doc_args(ap, "docs/serving.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global TEMPERATURE
+    TEMPERATURE = args.temperature
     n, m = args.requests, args.max_tokens
     settings = [("sequential (1 in flight)", n, False), (f"{n} concurrent, --max-batch {n}", n, True),
                 (f"{n} concurrent, --max-batch 16", 16, True)]
     settings = list({label: (label, b, c) for label, b, c in settings}.values())  # n = 16: one concurrent row
+    if args.draft:  # the same settings against servers with the draft; keys are (max_batch, draft)
+        settings = [(lab, (b, None), c) for lab, b, c in settings] + [
+            (f"{lab}, --draft", (b, args.draft), c) for lab, b, c in settings]
+    else:
+        settings = [(lab, (b, None), c) for lab, b, c in settings]
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in settings}
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "run"
-        make_run(run_dir, args.preset)
-        servers = {b: start_server(run_dir, free_port(), b, args.threads, args.dtype) for b in {b for _, b, _ in settings}}
+        run_dir = args.run or Path(tmp) / "run"
+        if args.run is None:
+            make_run(run_dir, args.preset)
+        servers = {key: start_server(run_dir, free_port(), key[0], args.threads, args.dtype, key[1])
+                   for key in {key for _, key, _ in settings}}
         try:
             for b, (proc, url) in servers.items():
                 asyncio.run(run_load(url, "bench", 2, 4, False))  # warm up
@@ -185,8 +202,11 @@ def main() -> None:
     lt = med(lib, "tok_s")
     table.append(f"| library `lmforge.generate`, no HTTP, 1 at a time ({min(n, 10)} prompts) | - | - | "
                  f"{lib[0]['tokens']} | {med(lib, 'wall'):.2f} | {lt:.0f} | {lt / base:.2f}x | - | - | - |")
-    note = (f"Model: random-init GPT of preset `{args.preset}` in {args.dtype} with the character tokenizer; {m} new tokens per "
-            f"request, temperature 0.8; medians of {args.repeats} interleaved rounds.")
+    model = (f"the run `{args.run.name}`" if args.run else
+             f"random-init GPT of preset `{args.preset}` with the character tokenizer")
+    drafted = f", with the draft `{args.draft.name}` on the --draft rows" if args.draft else ""
+    note = (f"Model: {model} in {args.dtype}{drafted}; {m} new tokens per "
+            f"request, temperature {args.temperature:g}; medians of {args.repeats} interleaved rounds.")
     publish(args, {args.section: block(command_line("benchmarks/serve_load.py"), "\n".join(table), note)})
 
 
