@@ -10,7 +10,7 @@ HELP = "/reset forgets the conversation, Ctrl-D (end of input) quits"
 
 
 def register(sub) -> None:
-    from .common import add_device_args, add_sampling_args
+    from .common import add_device_args, add_draft_args, add_sampling_args
 
     p = sub.add_parser("chat", help="chat with a run in the terminal",
                        description="An interactive chat: each line you type is a user message; the answer "
@@ -23,10 +23,8 @@ def register(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode with a torch.compile'd one-token step over a static KV cache of up to 2,048 "
                         "positions (the first answer waits for the compile)")
-    p.add_argument("--draft", default=None, metavar="RUN",
-                   help="a smaller run with the same tokenizer proposes tokens that the model checks "
-                        "(speculative decoding: the answers are distributed as the model's own)")
-    p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes a round (default 4)")
+    add_draft_args(p, "a smaller run with the same tokenizer proposes tokens that the model checks "
+                      "(speculative decoding: the answers are distributed as the model's own)")
     add_sampling_args(p)
     add_device_args(p)
     p.set_defaults(func=run)

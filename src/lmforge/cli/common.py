@@ -23,6 +23,12 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
 
 
+def add_draft_args(p: argparse.ArgumentParser, help: str) -> None:
+    """--draft RUN and --draft-tokens K: speculative decoding (`help` says what it does here)."""
+    p.add_argument("--draft", default=None, metavar="RUN", help=help)
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes a round (default 4)")
+
+
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

@@ -7,7 +7,7 @@ import sys
 
 
 def register(sub) -> None:
-    from .common import add_device_args, add_sampling_args
+    from .common import add_device_args, add_draft_args, add_sampling_args
 
     p = sub.add_parser("sample", help="generate text from a run",
                        description="Continue a prompt with a trained model.")
@@ -23,10 +23,8 @@ def register(sub) -> None:
     p.add_argument("--num-samples", type=int, default=1, help="independent continuations (default 1)")
     p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop a sample at any of these strings")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--draft", default=None, metavar="RUN",
-                   help="speculative decoding: a smaller run with the same tokenizer proposes tokens "
-                        "that the model checks in one pass (same output distribution; batch 1)")
-    p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes a round (default 4)")
+    add_draft_args(p, "speculative decoding: a smaller run with the same tokenizer proposes tokens "
+                      "that the model checks in one pass (same output distribution; batch 1)")
     p.add_argument("--compile", action="store_true",
                    help="decode with a torch.compile'd one-token step and a static KV cache (compiling takes "
                         "seconds to minutes, printed; pays off for long generations where eager ops dominate)")

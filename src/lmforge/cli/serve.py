@@ -7,7 +7,7 @@ import os
 
 
 def register(sub) -> None:
-    from .common import add_device_args
+    from .common import add_device_args, add_draft_args
 
     p = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API",
                        description="Serve a run: /v1/completions, /v1/chat/completions, /v1/models, "
@@ -37,10 +37,8 @@ def register(sub) -> None:
                    help="on SIGTERM/SIGINT, running requests get S seconds to finish (default 30)")
     p.add_argument("--log-prompts", action="store_true", help="put prompt text in the access log (default: not)")
     p.add_argument("--access-log", action="store_true", help="one JSON line per request on stderr")
-    p.add_argument("--draft", default=None, metavar="RUN",
-                   help="speculative decoding: a smaller run with the same tokenizer proposes tokens for every "
-                        "active request, and the model checks them in one batched pass (same outputs)")
-    p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes a round (default 4)")
+    add_draft_args(p, "speculative decoding: a smaller run with the same tokenizer proposes tokens for every "
+                      "active request, and the model checks them in one batched pass (same outputs)")
     p.add_argument("--compile", action="store_true",
                    help="decode with a torch.compile'd step over all --max-batch rows and --max-context columns, "
                         "compiled at start-up (seconds to minutes, printed); eager stays the default")
