@@ -12,6 +12,8 @@ import math
 import os
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,3 +295,32 @@ def test_lm_eval_command_line_knows_lmforge(trained, tasks):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "lmf_choice" in proc.stdout and "acc" in proc.stdout
+
+
+def test_plain_lm_eval_command_knows_lmforge(trained, tasks, both, tmp_path):
+    """The `lm_eval` console script itself: lmforge's .pth file registers the model class at
+    start-up, and the scores equal the in-process run's."""
+    script = Path(sysconfig.get_path("scripts")) / "lm_eval"
+    assert script.exists(), f"lm-eval's console script is not at {script}"
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+    proc = subprocess.run([str(script), "--model", "lmforge", "--model_args", f"run={trained / 'run'},dtype=float32",
+                           "--tasks", "lmf_choice", "--include_path", str(tasks), "--batch_size", "4",
+                           "--output_path", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [written] = (tmp_path / "out").rglob("results_*.json")
+    got = json.loads(written.read_text())["results"]["lmf_choice"]
+    want = both["hf"]["results"]["lmf_choice"]
+    assert (got["acc,none"], got["acc_norm,none"]) == (want["acc,none"], want["acc_norm,none"])
+
+
+def test_start_up_hook_defers_lmforge_and_keeps_lm_evals_models():
+    """The hook imports neither torch nor lmforge.harness until lm-eval asks for the model."""
+    code = ("import sys, lm_eval.api.registry as r\n"
+            "assert 'lmforge.lm_eval_hook' in sys.modules and 'torch' not in sys.modules\n"
+            "import lm_eval.models\n"
+            "assert 'lmforge.harness' not in sys.modules\n"
+            "print(r.get_model('lmforge').__name__, r.get_model('hf').__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["LMForgeLM", "HFLM"]

@@ -2,11 +2,12 @@
 scored by lmforge's own forward passes.
 
     lmforge eval --run RUN --tasks hellaswag lambada_openai
-    python -m lmforge.harness --model lmforge --model_args run=RUN,dtype=float32 --tasks hellaswag
+    lm_eval --model lmforge --model_args run=RUN,dtype=float32 --tasks hellaswag
 
-lm-eval looks models up in its own registry and reads no plugin entry points, so `--model
-lmforge` is known once this module is imported: `python -m lmforge.harness` is lm-eval's own
-command line with it imported first; in Python, `from lmforge.harness import LMForgeLM`.
+lm-eval looks models up in its own table and reads no plugin entry points; lmforge's .pth
+start-up hook (lm_eval_hook.py) adds "lmforge" to that table. Without it (lmforge on PYTHONPATH
+rather than installed), `python -m lmforge.harness` is lm-eval's command line with this module
+imported first; in Python, `from lmforge.harness import LMForgeLM`.
 
 Requests are scored in batches, with three savings over running each request as a sequence of
 its own (what lm-eval's `hf` model does):
