@@ -8,7 +8,8 @@ here caps the share of the bandwidth bound a whole step can reach.
 
 Kernels: fp32 `F.linear` on weights stored (in, out) (what `prepare_for_decoding` does in fp32);
 bf16 oneDNN-packed (`PackedLinear`) and bf16 (in, out); int8 weight-only
-(`_weight_int8pack_mm`, lmforge's `--int8`); int8 weights with activations quantised to uint8
+(`_weight_int8pack_mm`, lmforge's `--int8`), and the same product compiled by inductor from
+plain ops (compiled once per shape before timing); int8 weights with activations quantised to uint8
 per vector (oneDNN's `qlinear_pointwise`, the activation rounding llama.cpp's q8_0 also does, in
 its case per block of 32); int4 weight-only (`--int4`, group 64). Writes its table into
 docs/benchmarks.md between <!-- gemv_kernels:begin --> and <!-- gemv_kernels:end -->.
@@ -37,6 +38,13 @@ def _int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale[:, None]).to(torch.int8).contiguous(), scale
 
 
+@torch.compile(dynamic=False)
+def _compiled_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The int8 product written for inductor to fuse, as gpt-fast does on a GPU: one reduction
+    that reads each int8 weight once and converts it in registers."""
+    return (x[:, None, :] * q.to(x.dtype)).sum(-1) * scale
+
+
 def kernels() -> dict[str, tuple[int, callable, callable]]:
     """name -> (bytes per weight, prepare(w) -> state, product(x fp32 (1, in), state))."""
     from lmforge.models.decoding import PackedLinear
@@ -63,6 +71,8 @@ def kernels() -> dict[str, tuple[int, callable, callable]]:
         "bf16, (in, out)": (2, lambda w: w.bfloat16().t().contiguous().t(), lambda x, w: F.linear(x.bfloat16(), w)),
         "int8 weight-only (`--int8`)": (1, lambda w: (lambda q, s: (q, s.bfloat16()))(*_int8(w)),
                                         lambda x, st: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), *st)),
+        "int8 weight-only, inductor (dequantised inside the reduction)":
+            (1, lambda w: (lambda q, s: (q, s.bfloat16()))(*_int8(w)), lambda x, st: _compiled_int8(x.bfloat16(), *st)),
         "int8 x uint8 activations (oneDNN)": (1, qlinear_prep, qlinear),
         "int4 weight-only, group 64 (`--int4`)": (0.5 + 4 / 64, lambda w: Int4Linear(linear(w, torch.float32), 64),
                                                   lambda x, m: m(x)),

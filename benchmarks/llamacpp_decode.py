@@ -5,7 +5,9 @@ tokens, each side's own greedy loop (argmax of the last logits, one token fed ba
 
 Per weight type: lmforge fp32 / bf16 / int8 (weight-only, `prepare_for_decoding(int8=True)`)
 against llama.cpp f32 / bf16 and f16 / q8_0; each contender's share of the memory-bandwidth bound
-(decoding a token reads every weight once: bound = read bandwidth / bytes of weights per token).
+(decoding a token reads every weight once: bound = read bandwidth / bytes of weights per token,
+with the bandwidth measured in every round between the contenders, since a shared machine's
+bandwidth drifts by 20-30% over a run).
 
     python benchmarks/llamacpp_decode.py --threads 2 --rounds 2 --shapes gpt2 llama-1b
 """
@@ -133,6 +135,7 @@ def bench_shape(shape: str, threads: int, rounds: int, new_tokens: int, prompt_l
     torch.set_num_threads(threads)
     results: dict[str, list[float]] = {}
     same: dict[str, float] = {}  # llama.cpp's greedy tokens equal to lmforge's, per contender
+    bandwidth: dict[str, float] = {}  # GB/s read in the same rounds, per contender
     with tempfile.TemporaryDirectory(dir="/tmp") as d:
         tmp = Path(d)
         run, n_weights = make_run(shape, tmp)
@@ -157,36 +160,41 @@ def bench_shape(shape: str, threads: int, rounds: int, new_tokens: int, prompt_l
                 fns[label] = lambda llm=llm: llama_greedy(llm, prompt[0].tolist(), new_tokens)
                 same[label] = float(np.mean(np.array(fns[label]()) == np.array(ids)))  # and warm-up
                 llms.append(llm)
+            read: list[float] = []  # the bandwidth bound, measured in every round beside the contenders
+            fns["read bandwidth"] = lambda: read.append(memory_bandwidth(repeats=3)["read_gb_s"])
             with torch.no_grad():
                 results.update(median_time(fns, rounds))  # rounds alternate between the contenders
-            print(f"{shape} {ours}: {json.dumps({k: results[k] for k in fns})}", flush=True)
+            del results["read bandwidth"], fns["read bandwidth"]
+            bandwidth.update({name: statistics.median(read) for name in fns})
+            print(f"{shape} {ours}: {json.dumps({k: results[k] for k in fns})}, read GB/s {read}", flush=True)
             for llm in llms:
                 llm.close()
             for path in paths.values():
                 path.unlink()
             del model, llms, fns
             gc.collect()
-    return {"n_weights": n_weights, "times": results, "same": same}
+    return {"n_weights": n_weights, "times": results, "same": same, "bandwidth": bandwidth}
 
 
 def markdown(res: dict[str, Any]) -> str:
-    bw = res["bandwidth"]["read_gb_s"]
     lines = [f"Batch 1, {res['prompt']}-token prompt, {res['new_tokens']} greedy tokens, {res['threads']} threads "
              f"on both sides, median of {res['rounds']} alternating rounds after a warm-up. "
-             "Memory bandwidth in the same run: "
-             f"{bw:.1f} GB/s read (torch `sum` over 1 GiB); bound = read bandwidth / bytes of weights per token. "
+             "*read GB/s*: memory bandwidth (torch `sum` over 1 GiB, best of 3) measured in every one of those "
+             "rounds, between the contenders, median; bound = that bandwidth / bytes of weights per token. "
              "*same* = share of llama.cpp's greedy tokens equal to lmforge's at that weight type.", "",
-             "| model | contender | tok/s | bound tok/s | share of bound | same tokens |", "|---|---|---|---|---|---|"]
+             "| model | contender | tok/s | read GB/s | bound tok/s | share of bound | same tokens |",
+             "|---|---|---|---|---|---|---|"]
     for shape, r in res["shapes"].items():
         if "skipped" in r:
-            lines.append(f"| {LABELS[shape]} | not measured: {r['skipped']} | | | | |")
+            lines.append(f"| {LABELS[shape]} | not measured: {r['skipped']} | | | | | |")
             continue
         for name, ts in r["times"].items():
             tok_s = res["new_tokens"] / statistics.median(ts)
             kind = name.split()[1]
+            bw = r["bandwidth"][name]
             bound = bw * 1e9 / (r["n_weights"] * BYTES[kind])
             same = r["same"].get(name)
-            lines.append(f"| {LABELS[shape]} | {name} | {tok_s:.1f} | {bound:.1f} | {tok_s / bound:.0%} | "
+            lines.append(f"| {LABELS[shape]} | {name} | {tok_s:.1f} | {bw:.1f} | {bound:.1f} | {tok_s / bound:.0%} | "
                          f"{'' if same is None else f'{same:.0%}'} |")
     return "\n".join(lines)
 
@@ -210,7 +218,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res["shapes"][shape] = {"skipped": skipped[shape]}
             continue
         res["shapes"][shape] = bench_shape(shape, args.threads, args.rounds, args.new_tokens, args.prompt)
-    res["bandwidth"] = memory_bandwidth()
     load = os.getloadavg()
     note = ("Both decode the same random-init weights: the GGUF files are `lmforge export-gguf` of the run lmforge "
             f"times. Load average at the end of the run: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
