@@ -172,6 +172,21 @@ def test_render_equals_transformers(saved, style, conversation, add_generation_p
         assert ids.count(tok.token_to_id(bos)) == 1 and ids[0] == tok.token_to_id(bos)
 
 
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("last", ["Sure, the answer is", " spaced out  ", "Line one\nline two\n"])
+def test_continue_final_message_equals_transformers(saved, style, last):
+    """An assistant answer begun by the caller, continued rather than closed (lm-eval's
+    gen_prefix), including contents a template strips."""
+    messages = [*CONVERSATIONS["system + multi-turn"], {"role": "assistant", "content": last}]
+    theirs = AutoTokenizer.from_pretrained(saved[style])
+    expected = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                          continue_final_message=True)
+    fmt = ChatFormat(read_hf_chat_template(saved[style]))
+    assert fmt.render(messages, add_generation_prompt=False, continue_final_message=True) == expected
+    with pytest.raises(LMForgeError, match="cannot also"):
+        fmt.render(messages, continue_final_message=True)
+
+
 def test_special_tokens_and_today_are_variables(saved):
     chat = read_hf_chat_template(saved["headers"])
     assert chat.special_tokens["bos_token"] == "<|begin_of_text|>"

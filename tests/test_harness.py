@@ -31,7 +31,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 import lmforge  # noqa: E402
-from lmforge import harness  # noqa: E402
+from lmforge import harness, scoring  # noqa: E402
 from lmforge.checkpoint import load_run, read_run_config, save_run  # noqa: E402
 from lmforge.cli.main import main  # noqa: E402
 from lmforge.errors import LMForgeError  # noqa: E402
@@ -156,7 +156,7 @@ def test_batched_generation_equals_one_row_at_a_time(trained):
     model, tok = load_run(trained / "run")
     contexts = [tok.encode(p) for p in ("Thou", "What say you to this, my", "O", "Now is the winter of our disc")]
     assert len({len(c) for c in contexts}) == 4
-    texts = harness.generate_batch(model, tok, contexts, 12)
+    texts = scoring.generate_batch(model, tok, contexts, 12)
     alone = [tok.decode(model.generate(torch.tensor([c]), 12, temperature=0.0)[0, len(c):].tolist(),
                         skip_special_tokens=True) for c in contexts]
     assert texts == alone and len(set(texts)) > 1
@@ -199,9 +199,9 @@ def test_packed_rows_equal_one_sequence_per_request(trained):
     for n_ctx in (5, 30, 70):  # 70: longer than block_size, cut from the left
         ctx = torch.randint(0, 599, (n_ctx,)).tolist()
         pairs += [(ctx, torch.randint(0, 599, (k,)).tolist()) for k in (1, 4, 9, 2)]
-    packed = harness.score_pairs(model, pairs, 64, batch_size=2, share=True)
-    alone = harness.score_pairs(model, pairs, 64, batch_size=5, share=False)
-    assert len(harness.pack_rows(pairs, 64)) < len(pairs)  # the contexts really were shared
+    packed = scoring.score_pairs(model, pairs, 64, batch_size=2, share=True)
+    alone = scoring.score_pairs(model, pairs, 64, batch_size=5, share=False)
+    assert len(scoring.pack_rows(pairs, 64)) < len(pairs)  # the contexts really were shared
     with torch.no_grad():
         for (ctx, cont), (lp, greedy) in zip(pairs, alone):
             inp = (ctx + cont)[-65:-1]
@@ -324,3 +324,74 @@ def test_start_up_hook_defers_lmforge_and_keeps_lm_evals_models():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["LMForgeLM", "HFLM"]
+
+
+# ---- chat templates (--apply_chat_template) ----------------------------------------------------
+
+CHAT = ("{%- for message in messages %}{{- '<|' + message['role'] + '|>\\n' + message['content'] | trim + eos_token + "
+        "'\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_models(trained, tasks):
+    """The trained run with a chat template of its own, as a run and exported to HF; and a
+    multiple-choice task whose answers start with a prefix the assistant turn is given
+    (lm-eval's gen_prefix: the last message continued, not a new turn)."""
+    import shutil
+
+    from lmforge.chat import ChatTemplate, save_chat_template
+
+    shutil.copytree(trained / "run", trained / "chat-run")
+    save_chat_template(ChatTemplate(CHAT), trained / "chat-run")
+    export_hf(trained / "chat-run", trained / "chat-hf")
+    body = (tasks / "lmf_choice.yaml").read_text().replace("task: lmf_choice", "task: lmf_prefixed")
+    (tasks / "lmf_prefixed.yaml").write_text(body + 'gen_prefix: "The line ends: "\n', encoding="utf-8")
+    return trained / "chat-run", trained / "chat-hf"
+
+
+@pytest.fixture(scope="module")
+def chat_both(chat_models, tasks, offline):
+    run, hf = chat_models
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)
+    models = {"lmforge": LMForgeLM(run=str(run), batch_size=4),
+              "hf": HFLM(pretrained=str(hf), batch_size=4, device="cpu", dtype="float32")}
+    return {name: simple_evaluate(model=lm, tasks=["lmf_choice", "lmf_prefixed", "lmf_gen"], task_manager=manager,
+                                  log_samples=True, apply_chat_template=True, system_instruction="Finish the line.")
+            for name, lm in models.items()}
+
+
+def prompts(results, task):
+    return [[a[0] for a in s["arguments"]] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+
+
+@pytest.mark.parametrize("task", ["lmf_choice", "lmf_prefixed", "lmf_gen"])
+def test_chat_template_prompts_and_scores_match_hf(chat_both, task):
+    ours, theirs = chat_both["lmforge"], chat_both["hf"]
+    assert prompts(ours, task) == prompts(theirs, task)
+    first = prompts(ours, task)[0][0]
+    assert first.startswith("<|system|>\nFinish the line.<|endoftext|>\n<|user|>\n")
+    assert first.endswith("The line ends:" if task == "lmf_prefixed" else "<|assistant|>\n")
+    metrics = {k: v for k, v in ours["results"][task].items() if "stderr" not in k and k != "alias"}
+    assert metrics == {k: theirs["results"][task][k] for k in metrics}
+    if task != "lmf_gen":
+        pairs = [(a[0][0], b[0][0]) for x, y in zip(responses(ours, task), responses(theirs, task)) for a, b in zip(x, y)]
+        assert max(abs(a - b) for a, b in pairs) <= TOL
+    else:
+        assert responses(ours, task) == responses(theirs, task)
+
+
+def test_chat_template_recorded_and_cli_option(chat_models, tasks, offline, chat_both, tmp_path, capsys):
+    lm = LMForgeLM(run=str(chat_models[0]))
+    assert lm.chat_template(True) == CHAT and lm.chat_template(False) is None
+    with pytest.raises(LMForgeError, match="no chat template named 'tool_use'"):
+        lm.chat_template("tool_use")
+    assert LMForgeLM(run=str(chat_models[0]).replace("chat-run", "run")).chat_template(True) == harness.PLAIN_FORMAT
+    out = tmp_path / "chat.json"
+    assert main(["eval", "--run", str(chat_models[0]), "--tasks", "lmf_choice", "--include-path", str(tasks),
+                 "--batch-size", "3", "--apply-chat-template", "--system-instruction", "Finish the line.",
+                 "--output", str(out), "--no-progress"]) == 0
+    got = json.loads(out.read_text())["results"]["lmf_choice"]
+    assert got["acc,none"] == chat_both["lmforge"]["results"]["lmf_choice"]["acc,none"]
+    assert main(["eval", "--run", str(chat_models[0]), "--tasks", "lmf_choice", "--include-path", str(tasks),
+                 "--system-instruction", "x"]) == 2
+    assert "--apply-chat-template" in capsys.readouterr().err

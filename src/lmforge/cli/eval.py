@@ -25,6 +25,11 @@ def register(sub) -> None:
     p.add_argument("--limit", type=float, default=None,
                    help="examples per task: a count, or a fraction below 1")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
+    p.add_argument("--apply-chat-template", nargs="?", const=True, default=False, metavar="NAME",
+                   help="render each prompt as a conversation with the run's chat template (or the named "
+                        "variant; without one, the plain User:/Assistant: format); few-shot examples become turns")
+    p.add_argument("--system-instruction", default=None, metavar="TEXT",
+                   help="a system message before each prompt (with --apply-chat-template)")
     p.add_argument("--output", default=None, metavar="FILE.json", help="also write the task results as JSON")
     from .common import add_device_args, add_progress_flag
     add_device_args(p)
@@ -67,6 +72,7 @@ def run_tasks(args: argparse.Namespace, model, tok) -> int:
 
     from lm_eval.utils import handle_non_serializable, make_table
 
+    from ..chat import chat_format
     from ..checkpoint import read_run_config
     from ..errors import LMForgeError
     from ..fileio import atomic_open
@@ -74,10 +80,13 @@ def run_tasks(args: argparse.Namespace, model, tok) -> int:
 
     if args.limit is not None and args.limit <= 0:
         raise LMForgeError("--limit must be > 0")
+    if args.system_instruction is not None and not args.apply_chat_template:
+        raise LMForgeError("--system-instruction needs --apply-chat-template")
     lm = model_class()(model=model, tokenizer=tok, batch_size=args.batch_size,
-                       generation=read_run_config(args.run).get("generation"))
+                       generation=read_run_config(args.run).get("generation"), chat=chat_format(tok, args.run))
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    results = evaluate_tasks(lm, args.tasks, args.include_path, limit, args.num_fewshot)
+    results = evaluate_tasks(lm, args.tasks, args.include_path, limit, args.num_fewshot,
+                             apply_chat_template=args.apply_chat_template, system_instruction=args.system_instruction)
     print(make_table(results))
     if args.output:
         with atomic_open(args.output) as f:
@@ -86,7 +95,7 @@ def run_tasks(args: argparse.Namespace, model, tok) -> int:
 
 
 def evaluate_tasks(lm, tasks: list[str], include_path: str | None, limit: float | None,
-                   num_fewshot: int | None) -> dict:
+                   num_fewshot: int | None, **chat) -> dict:
     """lm-eval's simple_evaluate on task names (lm-eval's own, or YAML files under include_path)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -102,5 +111,5 @@ def evaluate_tasks(lm, tasks: list[str], include_path: str | None, limit: float 
         raise LMForgeError(f"unknown task {unknown[0]!r}: not one of lm-eval's tasks"
                            + (f" nor defined under {include_path}" if include_path else "; see `lm-eval ls tasks`"))
     results = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                              log_samples=False)
+                              log_samples=False, **chat)  # apply_chat_template, system_instruction
     return {k: results[k] for k in ("results", "versions", "n-shot", "higher_is_better", "n-samples") if k in results}
