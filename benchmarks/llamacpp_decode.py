@@ -3,13 +3,14 @@ weights: each model is a random-init lmforge run, exported with `lmforge export-
 by llama.cpp, so both decode the same function. Same thread count, 16-token prompt, 128 greedy
 tokens, each side's own greedy loop (argmax of the last logits, one token fed back per step).
 
-Per weight type: lmforge fp32 / bf16 / int8 (weight-only, `prepare_for_decoding(int8=True)`)
-against llama.cpp f32 / bf16 and f16 / q8_0; each contender's share of the memory-bandwidth bound
+Per weight type: lmforge fp32 / bf16 / int8 (weight-only, `prepare_for_decoding(int8=True)`), and
+bf16 with the compiled step (`CompiledDecoder`, what `--compile` runs), against llama.cpp f32 /
+bf16 and f16 / q8_0; each contender's share of the memory-bandwidth bound
 (decoding a token reads every weight once: bound = read bandwidth / bytes of weights per token,
 with the bandwidth measured in every round between the contenders, since a shared machine's
 bandwidth drifts by 20-30% over a run).
 
-    python benchmarks/llamacpp_decode.py --threads 2 --rounds 2 --shapes gpt2 llama-1b
+    python benchmarks/llamacpp_decode.py --threads 2 --rounds 3 --shapes gpt2 llama-1b [--compiled bf16]
 """
 
 from __future__ import annotations
@@ -128,7 +129,16 @@ def lmforge_model(run: Path, kind: str):
     return model
 
 
-def bench_shape(shape: str, threads: int, rounds: int, new_tokens: int, prompt_len: int) -> dict[str, Any]:
+def lmforge_compiled(run: Path, kind: str, positions: int):
+    from lmforge.checkpoint import load_run
+    from lmforge.models.compiled import CompiledDecoder
+
+    model, _ = load_run(run, inference=False, dtype=torch.float32 if kind == "fp32" else torch.bfloat16)
+    return CompiledDecoder(model, max_len=positions)
+
+
+def bench_shape(shape: str, threads: int, rounds: int, new_tokens: int, prompt_len: int,
+                compiled_kinds: tuple[str, ...] = ()) -> dict[str, Any]:
     from lmforge.interop.gguf_export import export_gguf
     from lmforge.models.decoding import generate_ids
 
@@ -136,6 +146,7 @@ def bench_shape(shape: str, threads: int, rounds: int, new_tokens: int, prompt_l
     results: dict[str, list[float]] = {}
     same: dict[str, float] = {}  # llama.cpp's greedy tokens equal to lmforge's, per contender
     bandwidth: dict[str, float] = {}  # GB/s read in the same rounds, per contender
+    compile_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory(dir="/tmp") as d:
         tmp = Path(d)
         run, n_weights = make_run(shape, tmp)
@@ -149,9 +160,16 @@ def bench_shape(shape: str, threads: int, rounds: int, new_tokens: int, prompt_l
                 print(f"{shape} {qtype}: exported {paths[qtype].stat().st_size / 1e9:.2f} GB in "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)
             model = lmforge_model(run, ours)
-            fns = {f"lmforge {ours}": lambda: generate_ids(model, prompt, new_tokens, temperature=0.0)}
+            fns = {f"lmforge {ours}": lambda m=model: generate_ids(m, prompt, new_tokens, temperature=0.0)}
             with torch.no_grad():
                 ids = fns[f"lmforge {ours}"]()[0, prompt_len:].tolist()  # also the warm-up
+            compiled = None
+            if ours in compiled_kinds:  # `--compile`: the step compiled over a static cache
+                compiled = lmforge_compiled(run, ours, prompt_len + new_tokens)
+                fns[f"lmforge {ours} compiled"] = lambda d=compiled: d.generate(prompt, new_tokens, temperature=0.0)
+                got = fns[f"lmforge {ours} compiled"]()[0, prompt_len:]  # compiles
+                same[f"lmforge {ours} compiled"] = float(np.mean(got.numpy() == np.array(ids)))
+                compile_s[f"lmforge {ours} compiled"] = compiled.compile_seconds
             llms = []
             for qtype, path in paths.items():
                 repack = repacking_works(path)
@@ -171,9 +189,9 @@ def bench_shape(shape: str, threads: int, rounds: int, new_tokens: int, prompt_l
                 llm.close()
             for path in paths.values():
                 path.unlink()
-            del model, llms, fns
+            del model, compiled, llms, fns
             gc.collect()
-    return {"n_weights": n_weights, "times": results, "same": same, "bandwidth": bandwidth}
+    return {"n_weights": n_weights, "times": results, "same": same, "bandwidth": bandwidth, "compile_s": compile_s}
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -181,7 +199,8 @@ def markdown(res: dict[str, Any]) -> str:
              f"on both sides, median of {res['rounds']} alternating rounds after a warm-up. "
              "*read GB/s*: memory bandwidth (torch `sum` over 1 GiB, best of 3) measured in every one of those "
              "rounds, between the contenders, median; bound = that bandwidth / bytes of weights per token. "
-             "*same* = share of llama.cpp's greedy tokens equal to lmforge's at that weight type.", "",
+             "*same* = share of the contender's greedy tokens equal to eager lmforge's at that weight type; "
+             "*compiled*: `CompiledDecoder` (`--compile`), compiled before timing.", "",
              "| model | contender | tok/s | read GB/s | bound tok/s | share of bound | same tokens |",
              "|---|---|---|---|---|---|---|"]
     for shape, r in res["shapes"].items():
@@ -196,6 +215,10 @@ def markdown(res: dict[str, Any]) -> str:
             same = r["same"].get(name)
             lines.append(f"| {LABELS[shape]} | {name} | {tok_s:.1f} | {bw:.1f} | {bound:.1f} | {tok_s / bound:.0%} | "
                          f"{'' if same is None else f'{same:.0%}'} |")
+    compiles = [f"{LABELS[shape]} {name.split()[1]} {sec:.0f} s" for shape, r in res["shapes"].items()
+                for name, sec in r.get("compile_s", {}).items()]
+    if compiles:
+        lines += ["", "Compile time of the compiled contenders (once, before timing): " + ", ".join(compiles) + "."]
     return "\n".join(lines)
 
 
@@ -206,6 +229,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--compiled", nargs="*", default=["bf16"], choices=["fp32", "bf16"],
+                    help="weight types that also get a compiled lmforge contender (default bf16; compiling takes "
+                         "0.5-1.5 min a shape, kept out of tok/s)")
     ap.add_argument("--skip", action="append", default=[], metavar="SHAPE=REASON",
                     help="record SHAPE as not measured, with the reason")
     add_doc_args(ap, "docs/benchmarks.md")
@@ -217,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if shape in skipped:
             res["shapes"][shape] = {"skipped": skipped[shape]}
             continue
-        res["shapes"][shape] = bench_shape(shape, args.threads, args.rounds, args.new_tokens, args.prompt)
+        res["shapes"][shape] = bench_shape(shape, args.threads, args.rounds, args.new_tokens, args.prompt,
+                                           tuple(args.compiled))
     load = os.getloadavg()
     note = ("Both decode the same random-init weights: the GGUF files are `lmforge export-gguf` of the run lmforge "
             f"times. Load average at the end of the run: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from ..models.compiled import compile_step
 from .slots import SlotKVCache
 
 
@@ -40,7 +41,7 @@ class CompiledStep:
         self.cols = torch.zeros(B, dtype=torch.long, device=device)
         self.columns = torch.arange(cache.k.shape[3], device=device)
         self.view = _AllRows(cache, self.cols)
-        self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=False, mode=mode)
+        self._compiled = compile_step(self._forward, device, mode)
         t0 = time.perf_counter()
         with torch.no_grad():
             self._compiled(self.tokens, self.cols)  # compile now, not on the first request
