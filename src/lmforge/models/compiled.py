@@ -42,7 +42,14 @@ def compile_step(fn, device: torch.device | str, mode: str | None = None):
     the model's weights do not reach the graph: compile once the weights are final."""
     if mode is not None or torch.device(device).type != "cpu":
         return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
-    return torch.compile(fn, fullgraph=True, dynamic=False, options={"freezing": True, "max_autotune": True})
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode="max-autotune")
+
+    def frozen(*args):
+        # freezing is read while inductor compiles, which happens inside a call (the first, or
+        # one with new shapes); passed in torch.compile's options it does not take effect
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(*args)
+    return frozen
 
 
 class CompiledDecoder:
