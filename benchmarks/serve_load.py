@@ -119,14 +119,13 @@ def library_speed(run_dir: Path, n: int, max_tokens: int, dtype: str = "float32"
 
 
 def start_server(run_dir: Path, port: int, max_batch: int, threads: int,
-                 dtype: str = "float32", draft: Path | None = None) -> tuple[subprocess.Popen, str]:
+                 dtype: str = "float32", extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "lmforge", "serve", "--run", str(run_dir), "--port", str(port),
-           "--max-batch", str(max_batch), "--device", "cpu", "--model-name", "bench", "--dtype", dtype]
-    cmd += ["--draft", str(draft)] if draft else []
+           "--max-batch", str(max_batch), "--device", "cpu", "--model-name", "bench", "--dtype", dtype, *extra]
     env = {**os.environ, "LMFORGE_API_KEY": "", "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # --compile compiles before it listens
     while True:
         try:
             httpx.get(f"{url}/health", timeout=2).raise_for_status()
@@ -150,6 +149,10 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=None, help="serve this run instead of a random-init --preset model")
     ap.add_argument("--draft", type=Path, default=None,
                     help="also run every setting against a server with --draft RUN (speculative decoding)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also run every setting against a server with --compile (the compiled batch step)")
+    ap.add_argument("--max-context", type=int, default=None,
+                    help="every server's --max-context (the compiled step attends over all of it)")
     ap.add_argument("--temperature", type=float, default=0.8, help="the requests' temperature (default 0.8)")
     add_doc_args(ap, "docs/serving.md")
     args = ap.parse_args()
@@ -160,17 +163,17 @@ def main() -> None:
     settings = [("sequential (1 in flight)", n, False), (f"{n} concurrent, --max-batch {n}", n, True),
                 (f"{n} concurrent, --max-batch 16", 16, True)]
     settings = list({label: (label, b, c) for label, b, c in settings}.values())  # n = 16: one concurrent row
-    if args.draft:  # the same settings against servers with the draft; keys are (max_batch, draft)
-        settings = [(lab, (b, None), c) for lab, b, c in settings] + [
-            (f"{lab}, --draft", (b, args.draft), c) for lab, b, c in settings]
-    else:
-        settings = [(lab, (b, None), c) for lab, b, c in settings]
+    # the same settings against servers with each variant's options; keys are (max_batch, options)
+    common = ("--max-context", str(args.max_context)) if args.max_context else ()
+    variants = [("", common)] + [(f", {flag}", (*common, *opts)) for flag, opts, on in (
+        ("--draft", ("--draft", str(args.draft)), args.draft), ("--compile", ("--compile",), args.compile)) if on]
+    settings = [(lab + suffix, (b, opts), c) for suffix, opts in variants for lab, b, c in settings]
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in settings}
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = args.run or Path(tmp) / "run"
         if args.run is None:
             make_run(run_dir, args.preset)
-        servers = {key: start_server(run_dir, free_port(), key[0], args.threads, args.dtype, key[1])
+        servers = {key: start_server(run_dir, free_port(), key[0], args.threads, args.dtype, extra=key[1])
                    for key in {key for _, key, _ in settings}}
         try:
             for b, (proc, url) in servers.items():
@@ -204,7 +207,8 @@ def main() -> None:
                  f"{lib[0]['tokens']} | {med(lib, 'wall'):.2f} | {lt:.0f} | {lt / base:.2f}x | - | - | - |")
     model = (f"the run `{args.run.name}`" if args.run else
              f"random-init GPT of preset `{args.preset}` with the character tokenizer")
-    drafted = f", with the draft `{args.draft.name}` on the --draft rows" if args.draft else ""
+    drafted = (f", with the draft `{args.draft.name}` on the --draft rows" if args.draft else "") + \
+        (f"; every server with --max-context {args.max_context}" if args.max_context else "")
     note = (f"Model: {model} in {args.dtype}{drafted}; {m} new tokens per "
             f"request, temperature {args.temperature:g}; medians of {args.repeats} interleaved rounds.")
     publish(args, {args.section: block(command_line("benchmarks/serve_load.py"), "\n".join(table), note)})

@@ -18,11 +18,19 @@ from ..sampling import sample_next
 class StaticKVCache(KVCache):
     """A KVCache whose update writes at the positions in `index` (a tensor) and returns all
     max_len slots, so a step's shapes never change; the caller masks the unfilled slots and
-    keeps the positions (advance does nothing)."""
+    keeps the positions (advance does nothing). Each layer's keys and values are a tensor of
+    their own (k[layer], v[layer]: (B, nkv, max_len, hs)): a compiled step then writes them in
+    place, where writes into views of one (n_layer, ...) tensor made inductor copy the whole
+    cache every layer (GPT-2 at 1,024 slots: 14 instead of 57 tok/s)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.index = torch.zeros(1, dtype=torch.long, device=self.k.device)
+        self.k, self.v = [t.clone() for t in self.k], [t.clone() for t in self.v]
+        self.index = torch.zeros(1, dtype=torch.long, device=self.k[0].device)
+
+    def zero_(self) -> None:
+        for t in (*self.k, *self.v):
+            t.zero_()
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.k[layer].index_copy_(2, self.index, k)  # (B, nkv, max_len, hs) <- (B, nkv, T, hs)
@@ -73,14 +81,13 @@ class CompiledDecoder:
 
     def _setup(self, batch: int) -> None:
         ref = self.model.tok_emb.weight
-        if self.cache is None or self.cache.k.shape[1] != batch:
+        if self.cache is None or self.cache.k[0].shape[0] != batch:
             cfg = self.model.config
             self.cache = StaticKVCache(cfg.n_layer, batch, cfg.n_kv_head or cfg.n_head, cfg.head_size,
                                        self.max_len, ref.device, ref.dtype)
             self.key_pos = torch.arange(self.max_len, device=ref.device)
             self.step_pos = torch.zeros(1, dtype=torch.long, device=ref.device)  # one tensor, updated in place
-        self.cache.k.zero_()
-        self.cache.v.zero_()
+        self.cache.zero_()
 
     def _prefill(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]
