@@ -19,11 +19,11 @@ class _AllRows:
 
     def __init__(self, cache: SlotKVCache, cols: torch.Tensor):
         self.k, self.v, self.cols = cache.k, cache.v, cols
-        self.rows = torch.arange(cache.k.shape[1], device=cache.k.device)
+        self.rows = torch.arange(cache.k[0].shape[0], device=cache.k[0].device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k[layer, self.rows, :, self.cols] = k[:, :, 0]  # k, v (B, nkv, 1, hs)
-        self.v[layer, self.rows, :, self.cols] = v[:, :, 0]
+        self.k[layer][self.rows, :, self.cols] = k[:, :, 0]  # k, v (B, nkv, 1, hs)
+        self.v[layer][self.rows, :, self.cols] = v[:, :, 0]
         return self.k[layer], self.v[layer]
 
     def advance(self, n: int) -> None:  # the engine keeps the lengths
@@ -36,10 +36,10 @@ class CompiledStep:
 
     def __init__(self, model, cache: SlotKVCache, mode: str | None = None):
         self.model, self.cache = model, cache
-        B, device = cache.k.shape[1], cache.k.device
+        B, device = cache.k[0].shape[0], cache.k[0].device
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.cols = torch.zeros(B, dtype=torch.long, device=device)
-        self.columns = torch.arange(cache.k.shape[3], device=device)
+        self.columns = torch.arange(cache.k[0].shape[2], device=device)
         self.view = _AllRows(cache, self.cols)
         self._compiled = compile_step(self._forward, device, mode)
         t0 = time.perf_counter()

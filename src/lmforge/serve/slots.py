@@ -12,11 +12,14 @@ from ..nn.attention import KVCache
 class SlotKVCache(KVCache):
     """A KVCache whose rows have their own lengths (`lens`). Set the mode before each forward:
     `prefill(row, n)` writes a prompt into rows [row, row + n) from column 0; `decode(S, T)`
-    makes rows [0, S) each append T tokens after their own last column."""
+    makes rows [0, S) each append T tokens after their own last column. Each layer's keys and
+    values are a tensor of their own (k[layer]: (max_batch, nkv, max_len, hs)), so a compiled
+    step writes them in place (`serve.compiled`; views of one tensor made inductor copy it)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        batch = self.k.shape[1]
+        self.k, self.v = [t.clone() for t in self.k], [t.clone() for t in self.v]
+        batch = self.k[0].shape[0]
         self.lens = [0] * batch  # filled columns of each row
         self._rows = slice(0, 0)
         self._cols: torch.Tensor | None = None  # decode: the columns each row writes, (S, T)
@@ -31,7 +34,7 @@ class SlotKVCache(KVCache):
         """Rows [0, S) each append T tokens after their own last column. Returns the positions
         (S, T) of the new tokens (at most `max_position`) and the attention mask (S, 1, T, end):
         token t of row i sees the row's filled columns and the new ones up to its own."""
-        device = self.k.device
+        device = self.k[0].device
         self._rows = slice(0, S)
         self._cols = torch.tensor(self.lens[:S], device=device)[:, None] + torch.arange(T, device=device)  # (S, T)
         self._end = max(self.lens[:S]) + T
@@ -44,13 +47,13 @@ class SlotKVCache(KVCache):
         rows = self._rows
         if self._cols is None:  # prefill: k, v (n, nkv, T, hs) from column 0
             T = k.shape[2]
-            self.k[layer, rows, :, :T] = k
-            self.v[layer, rows, :, :T] = v
-            return self.k[layer, rows, :, :T], self.v[layer, rows, :, :T]
+            self.k[layer][rows, :, :T] = k
+            self.v[layer][rows, :, :T] = v
+            return self.k[layer][rows, :, :T], self.v[layer][rows, :, :T]
         r = torch.arange(k.shape[0], device=k.device)[:, None]  # decode: k, v (S, nkv, T, hs)
-        self.k[layer, r, :, self._cols] = k.transpose(1, 2)  # row i writes columns cols[i]: (S, T, nkv, hs)
-        self.v[layer, r, :, self._cols] = v.transpose(1, 2)
-        return self.k[layer, rows, :, :self._end], self.v[layer, rows, :, :self._end]
+        self.k[layer][r, :, self._cols] = k.transpose(1, 2)  # row i writes columns cols[i]: (S, T, nkv, hs)
+        self.v[layer][r, :, self._cols] = v.transpose(1, 2)
+        return self.k[layer][rows, :, :self._end], self.v[layer][rows, :, :self._end]
 
     def advance(self, n: int) -> None:
         for i in range(self._rows.start, self._rows.stop):
@@ -58,6 +61,6 @@ class SlotKVCache(KVCache):
 
     def move(self, src: int, dst: int) -> None:
         """Row src's cache becomes row dst's (every layer)."""
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
+        for t in (*self.k, *self.v):
+            t[dst] = t[src]
         self.lens[dst] = self.lens[src]

@@ -41,7 +41,7 @@ class Speculator:
         """Rows [row, row + n) start a sequence: the draft caches all of the prompt but its last token."""
         self.cache.prefill(row, n)
         if len(prompt_ids) > 1:
-            device = self.cache.k.device
+            device = self.cache.k[0].device
             idx = torch.tensor([prompt_ids[:-1]] * n, device=device)
             positions = torch.arange(idx.shape[1], device=device).clamp(max=self.max_position)
             self.draft(idx, cache=self.cache, positions=positions)
@@ -53,7 +53,7 @@ class Speculator:
         """One round over `rows` (the engine's sequences, in cache-row order; each has .last,
         .prev, .generator and .handle.params). Returns per row the tokens to emit (the kept
         guesses, then the model's own next token) and the model's logits (m, V) they came from."""
-        S, k, device = len(rows), self.k, cache.k.device
+        S, k, device = len(rows), self.k, cache.k[0].device
         for r in range(S):  # the draft's cache is valid up to the model's, less one position
             self.cache.lens[r] = cache.lens[r] - 1
         feed = torch.tensor([[s.prev, s.last] for s in rows], device=device)
