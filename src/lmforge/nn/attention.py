@@ -93,6 +93,12 @@ class KVCache:
         """Called by the model once every layer has stored its n new positions."""
         self.pos += n
 
+    def split_by_layer(self) -> None:
+        """Give every layer its keys and values in a tensor of its own (k[layer] still indexes
+        them). A compiled step then writes them in place; writes into views of the one
+        (n_layer, ...) tensor made inductor copy the whole cache at every layer."""
+        self.k, self.v = [t.clone() for t in self.k], [t.clone() for t in self.v]
+
 
 class MultiHeadAttention(nn.Module):
     """Several attention heads side by side; their outputs are concatenated and mixed by `proj`

@@ -12,13 +12,13 @@ from ..nn.attention import KVCache
 class SlotKVCache(KVCache):
     """A KVCache whose rows have their own lengths (`lens`). Set the mode before each forward:
     `prefill(row, n)` writes a prompt into rows [row, row + n) from column 0; `decode(S, T)`
-    makes rows [0, S) each append T tokens after their own last column. Each layer's keys and
-    values are a tensor of their own (k[layer]: (max_batch, nkv, max_len, hs)), so a compiled
-    step writes them in place (`serve.compiled`; views of one tensor made inductor copy it)."""
+    makes rows [0, S) each append T tokens after their own last column. One tensor per layer
+    (`split_by_layer`; k[layer]: (max_batch, nkv, max_len, hs)), so the compiled step
+    (`serve.compiled`) writes it in place."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.k, self.v = [t.clone() for t in self.k], [t.clone() for t in self.v]
+        self.split_by_layer()
         batch = self.k[0].shape[0]
         self.lens = [0] * batch  # filled columns of each row
         self._rows = slice(0, 0)
