@@ -3,14 +3,14 @@ weights: each model is a random-init lmforge run, exported with `lmforge export-
 by llama.cpp, so both decode the same function. Same thread count, 16-token prompt, 128 greedy
 tokens, each side's own greedy loop (argmax of the last logits, one token fed back per step).
 
-Per weight type: lmforge fp32 / bf16 / int8 (weight-only, `prepare_for_decoding(int8=True)`), and
-bf16 with the compiled step (`CompiledDecoder`, what `--compile` runs), against llama.cpp f32 /
+Per weight type: lmforge fp32 / bf16 / int8 (weight-only, `prepare_for_decoding(int8=True)`), each
+also with the compiled step (`CompiledDecoder`, what `--compile` runs), against llama.cpp f32 /
 bf16 and f16 / q8_0; each contender's share of the memory-bandwidth bound
 (decoding a token reads every weight once: bound = read bandwidth / bytes of weights per token,
 with the bandwidth measured in every round between the contenders, since a shared machine's
 bandwidth drifts by 20-30% over a run).
 
-    python benchmarks/llamacpp_decode.py --threads 2 --rounds 3 --shapes gpt2 llama-1b [--compiled bf16]
+    python benchmarks/llamacpp_decode.py --threads 2 --rounds 3 --shapes gpt2 llama-1b [--compiled fp32 bf16 int8]
 """
 
 from __future__ import annotations
@@ -132,9 +132,19 @@ def lmforge_model(run: Path, kind: str):
 def lmforge_compiled(run: Path, kind: str, positions: int):
     from lmforge.checkpoint import load_run
     from lmforge.models.compiled import CompiledDecoder
+    from lmforge.models.decoding import prepare_for_decoding
 
-    model, _ = load_run(run, inference=False, dtype=torch.float32 if kind == "fp32" else torch.bfloat16)
-    return CompiledDecoder(model, max_len=positions)
+    model, _ = load_run(run, inference=False, dtype=torch.bfloat16 if kind == "bf16" else torch.float32)
+    return CompiledDecoder(prepare_for_decoding(model, int8=True) if kind == "int8" else model, max_len=positions)
+
+
+def available_gb() -> float:
+    """MemAvailable from /proc/meminfo (inf where there is none)."""
+    try:
+        line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return float("inf")
+    return int(line.split()[1]) / 1e6
 
 
 def bench_shape(shape: str, threads: int, rounds: int, new_tokens: int, prompt_len: int,
@@ -147,6 +157,7 @@ def bench_shape(shape: str, threads: int, rounds: int, new_tokens: int, prompt_l
     same: dict[str, float] = {}  # llama.cpp's greedy tokens equal to lmforge's, per contender
     bandwidth: dict[str, float] = {}  # GB/s read in the same rounds, per contender
     compile_s: dict[str, float] = {}
+    too_big: dict[str, str] = {}  # compiled contenders that would not fit in memory, and why
     with tempfile.TemporaryDirectory(dir="/tmp") as d:
         tmp = Path(d)
         run, n_weights = make_run(shape, tmp)
@@ -164,7 +175,13 @@ def bench_shape(shape: str, threads: int, rounds: int, new_tokens: int, prompt_l
             with torch.no_grad():
                 ids = fns[f"lmforge {ours}"]()[0, prompt_len:].tolist()  # also the warm-up
             compiled = None
-            if ours in compiled_kinds:  # `--compile`: the step compiled over a static cache
+            need = 3 * n_weights * BYTES[ours] / 1e9  # its model, the frozen copy, and packing on the way
+            free = available_gb() - n_weights * BYTES[ours] / 1e9  # llama.cpp's file is still to load
+            if ours in compiled_kinds and need > free:
+                too_big[f"lmforge {ours} compiled"] = (f"needs about {need:.0f} GB for its model and the graph's "
+                                                       f"frozen copy of the weights, with {free:.0f} GB free once "
+                                                       "llama.cpp's file is loaded too")
+            elif ours in compiled_kinds:  # `--compile`: the step compiled over a static cache
                 compiled = lmforge_compiled(run, ours, prompt_len + new_tokens)
                 fns[f"lmforge {ours} compiled"] = lambda d=compiled: d.generate(prompt, new_tokens, temperature=0.0)
                 got = fns[f"lmforge {ours} compiled"]()[0, prompt_len:]  # compiles
@@ -191,7 +208,8 @@ def bench_shape(shape: str, threads: int, rounds: int, new_tokens: int, prompt_l
                 path.unlink()
             del model, compiled, llms, fns
             gc.collect()
-    return {"n_weights": n_weights, "times": results, "same": same, "bandwidth": bandwidth, "compile_s": compile_s}
+    return {"n_weights": n_weights, "times": results, "same": same, "bandwidth": bandwidth, "compile_s": compile_s,
+            "too_big": too_big}
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -219,6 +237,8 @@ def markdown(res: dict[str, Any]) -> str:
                 for name, sec in r.get("compile_s", {}).items()]
     if compiles:
         lines += ["", "Compile time of the compiled contenders (once, before timing): " + ", ".join(compiles) + "."]
+    lines += [f"Not measured: {LABELS[shape]} {name}, which {why}." for shape, r in res["shapes"].items()
+              for name, why in r.get("too_big", {}).items()]
     return "\n".join(lines)
 
 
@@ -229,9 +249,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=16)
-    ap.add_argument("--compiled", nargs="*", default=["bf16"], choices=["fp32", "bf16"],
-                    help="weight types that also get a compiled lmforge contender (default bf16; compiling takes "
-                         "0.5-1.5 min a shape, kept out of tok/s)")
+    ap.add_argument("--compiled", nargs="*", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"],
+                    help="weight types that also get a compiled lmforge contender (default all three; compiling "
+                         "takes 0.5-1.5 min each, kept out of tok/s; one that would not fit in memory is skipped)")
     ap.add_argument("--skip", action="append", default=[], metavar="SHAPE=REASON",
                     help="record SHAPE as not measured, with the reason")
     add_doc_args(ap, "docs/benchmarks.md")

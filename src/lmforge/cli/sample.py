@@ -47,9 +47,8 @@ def load_for_inference(args: argparse.Namespace):
         raise LMForgeError(f"--int{8 if int8 else 4} runs on the CPU only (its kernel is a CPU one); "
                            "drop it or use --device cpu")
     adapter = getattr(args, "adapter", None)
-    if getattr(args, "compile", False) and (int8 or int4 or getattr(args, "draft", None)):
-        raise LMForgeError("--compile compiles the plain bf16/fp32 model; it does not combine with "
-                           "--int8, --int4 or --draft")
+    if getattr(args, "compile", False) and getattr(args, "draft", None):
+        raise LMForgeError("--compile and --draft do not combine (speculative decoding runs eager); choose one")
     plain = int8 or int4 or getattr(args, "compile", False)  # compile traces nn.Linear, not packed layers
     model, tok = load(args.run, adapter=adapter, device=device, dtype=dtype, inference=not plain)
     return (prepare_for_decoding(model, int8=int8, int4=int4) if int8 or int4 else model), tok

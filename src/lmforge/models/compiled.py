@@ -14,6 +14,8 @@ import torch
 from ..nn.attention import KVCache
 from ..sampling import sample_next
 
+RECOMPILE_LIMIT = 256  # graphs per step function in one process (dynamo's default is 8)
+
 
 class StaticKVCache(KVCache):
     """A KVCache whose update writes at the positions in `index` (a tensor) and returns all
@@ -42,20 +44,22 @@ class StaticKVCache(KVCache):
 def compile_step(fn, device: torch.device | str, mode: str | None = None):
     """torch.compile for a fixed-shape inference step. On a CPU, unless a mode is given, the
     weights are frozen into the graph (inductor then lays them out for its own GEMM kernels
-    once) and GEMMs use inductor's autotuned CPU templates: in bf16 that is what makes the
-    compiled step faster than eager (docs/benchmarks.md, "The compiled decode step"), at the
+    once) and GEMMs use inductor's autotuned CPU templates: in bf16 and int8 that is what makes
+    the compiled step faster than eager (docs/benchmarks.md, "The compiled decode step"), at the
     cost of a longer compile and a second copy of the weights. Frozen means later changes to
     the model's weights do not reach the graph: compile once the weights are final."""
-    if mode is not None or torch.device(device).type != "cpu":
-        return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode="max-autotune")
+    frozen = mode is None and torch.device(device).type == "cpu"
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode="max-autotune" if frozen else mode)
 
-    def frozen(*args):
-        # freezing is read while inductor compiles, which happens inside a call (the first, or
-        # one with new shapes); passed in torch.compile's options it does not take effect
-        with torch._inductor.config.patch(freezing=True):
+    def step(*args):
+        # Read while inductor compiles, which happens inside a call (the first, or one with new
+        # shapes); passed in torch.compile's options they do not take effect. Every decoder's
+        # step is the same code object to dynamo, so the per-code graph limit (8) would stop a
+        # process after a few models or batch sizes; each graph is still kept apart by its guards.
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), \
+                torch._inductor.config.patch(freezing=frozen):
             return compiled(*args)
-    return frozen
+    return step
 
 
 class CompiledDecoder:
