@@ -66,11 +66,11 @@ def distill_draft(target_run: Path, work: Path, chars: int, iters: int, temperat
     `temperature`, tokenized with the target's own tokenizer. A draft that learns the target's
     choices, not the corpus's, keeps more of its guesses. No prompt starts within 1,000
     characters of a timed prompt (`avoid`)."""
-    import lmforge
+    from lmforge import load
 
     out, text_path = work / "draft-distilled", work / "distill.txt"
     if not text_path.exists():
-        target, tok = lmforge.load(target_run)
+        target, tok = load(target_run)
         corpus = CORPUS.read_text(encoding="utf-8")
         rng, pieces, total, batch = torch.Generator().manual_seed(0), [], 0, 0
         with torch.no_grad():
