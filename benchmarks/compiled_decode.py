@@ -1,7 +1,8 @@
 """Batch-1 greedy decoding of the GPT-2 124M shape: lmforge's eager step (weights laid out by
 `prepare_for_decoding`) against the compiled step (`CompiledDecoder`, torch.compile over a
-static KV cache), fp32 and bf16, alternating in one process, with the read bandwidth measured
-in the same run; then a profile of one eager bf16 step, to show where a token's time goes.
+static KV cache), fp32, bf16 and int8, alternating in one process, with the read bandwidth
+measured in the same run; then a profile of one eager bf16 step and of the compiled bf16 and int8
+steps (inductor's kernels named), to show where a token's time goes.
 
     python benchmarks/compiled_decode.py [--tokens 64] [--rounds 3]   (--no-doc: print only)
 """
@@ -20,6 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from doc_tables import add_doc_args, block, command_line, publish  # noqa: E402
 from timing import median_time, memory_bandwidth  # noqa: E402
+
+
+KINDS = ("fp32", "bf16", "int8")
+BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
 
 
 def profile_step(model, prompt: torch.Tensor, top: int = 8) -> dict:
@@ -49,6 +54,38 @@ def profile_step(model, prompt: torch.Tensor, top: int = 8) -> dict:
             "ops": [(e.key, e.self_cpu_time_total / total, e.count // 8) for e in events[:top]]}
 
 
+def profile_compiled(model, prompt: torch.Tensor, top: int = 8) -> dict:
+    """The compiled step of `model` as `profile_step` reports the eager one, over 16 steps. It is
+    compiled with inductor's kernel profiling on, so each generated kernel shows under its name
+    (graph_0_...: GEMM templates and fused pointwise kernels); the `## Call CompiledFxGraph`
+    and `TorchDynamo Cache Lookup` rows are the compiled graph's entry: guards and wrapper."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lmforge.models.compiled import CompiledDecoder
+
+    dec = CompiledDecoder(model, max_len=prompt.shape[1] + 64)
+    with torch.no_grad(), torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+        steps = dec.steps(prompt, 60, temperature=0.0)
+        for _ in range(20):  # compiles, then warms up
+            next(steps)
+        t0 = time.perf_counter()
+        for _ in range(16):
+            next(steps)
+        wall_ms = (time.perf_counter() - t0) / 16 * 1e3
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(16):
+                next(steps)
+            step_ms = (time.perf_counter() - t0) / 16 * 1e3
+        steps.close()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    name = lambda key: key if len(key) <= 60 else key[:57] + "..."  # noqa: E731
+    return {"wall_ms": wall_ms, "profiled_ms": step_ms, "op_ms": total / 16 / 1e3,
+            "ops": [(name(e.key), e.self_cpu_time_total / total, e.count // 16) for e in events[:top]]}
+
+
 def bench(tokens: int, rounds: int, prompt_len: int) -> dict:
     from lmforge.models.compiled import CompiledDecoder
     from lmforge.models.decoding import generate_ids, prepare_for_decoding
@@ -58,12 +95,13 @@ def bench(tokens: int, rounds: int, prompt_len: int) -> dict:
     torch.manual_seed(0)
     base = GPT(GPTConfig(**get_preset("gpt2")["model_config"])).eval().requires_grad_(False)
     prompt = torch.randint(0, 50257, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    plain = {"fp32": lambda: base, "bf16": lambda: copy.deepcopy(base).to(torch.bfloat16),
+             "int8": lambda: prepare_for_decoding(copy.deepcopy(base), int8=True)}
     eager = {"fp32": prepare_for_decoding(copy.deepcopy(base)),
-             "bf16": prepare_for_decoding(copy.deepcopy(base), dtype=torch.bfloat16)}
-    compiled = {"fp32": CompiledDecoder(base, max_len=prompt_len + tokens),
-                "bf16": CompiledDecoder(copy.deepcopy(base).to(torch.bfloat16), max_len=prompt_len + tokens)}
+             "bf16": prepare_for_decoding(copy.deepcopy(base), dtype=torch.bfloat16), "int8": plain["int8"]()}
+    compiled = {kind: CompiledDecoder(make(), max_len=prompt_len + tokens) for kind, make in plain.items()}
     fns, outs = {}, {}
-    for kind in ("fp32", "bf16"):
+    for kind in KINDS:
         fns[f"eager {kind}"] = lambda m=eager[kind]: generate_ids(m, prompt, tokens, temperature=0.0)
         fns[f"compiled {kind}"] = lambda d=compiled[kind]: d.generate(prompt, tokens, temperature=0.0)
     with torch.no_grad():
@@ -74,12 +112,14 @@ def bench(tokens: int, rounds: int, prompt_len: int) -> dict:
     n_params = base.num_params() - base.pos_emb.weight.numel()  # one position row is read per token
     res = {"tokens": tokens, "rounds": rounds, "prompt": prompt_len, "bandwidth": bw, "params": n_params,
            "results": {}, "compile_s": {k: d.compile_seconds for k, d in compiled.items()},
-           "same": {k: bool(torch.equal(outs[f"eager {k}"], outs[f"compiled {k}"])) for k in ("fp32", "bf16")}}
+           "same": {k: bool(torch.equal(outs[f"eager {k}"], outs[f"compiled {k}"])) for k in KINDS}}
     for name, ts in times.items():
         tok_s = tokens / statistics.median(ts)
-        bound = bw["read_gb_s"] * 1e9 / (n_params * (4 if name.endswith("fp32") else 2))
+        bound = bw["read_gb_s"] * 1e9 / (n_params * BYTES[name.split()[1]])
         res["results"][name] = {"tok_s": tok_s, "bound": bound, "share": tok_s / bound}
+    del compiled, fns
     res["profile"] = profile_step(eager["bf16"], prompt)
+    res["compiled_profiles"] = {k: profile_compiled(plain[k](), prompt) for k in ("bf16", "int8")}
     return res
 
 
@@ -92,15 +132,24 @@ def markdown(d: dict) -> str:
     for name, r in d["results"].items():
         lines.append(f"| {name} | {r['tok_s']:.1f} | {r['bound']:.0f} | {r['share']:.0%} |")
     r, p = d["results"], d["profile"]
-    lines += ["", f"Compiled / eager: fp32 **{r['compiled fp32']['tok_s'] / r['eager fp32']['tok_s']:.2f}x**, "
-              f"bf16 **{r['compiled bf16']['tok_s'] / r['eager bf16']['tok_s']:.2f}x**. Compile time (first "
-              f"step, kept out of tok/s): fp32 {d['compile_s']['fp32']:.0f} s, bf16 {d['compile_s']['bf16']:.0f} s. "
-              f"Greedy tokens equal to eager's: fp32 {d['same']['fp32']}, bf16 {d['same']['bf16']}.", "",
+    ratios = ", ".join(f"{k} **{r[f'compiled {k}']['tok_s'] / r[f'eager {k}']['tok_s']:.2f}x**" for k in KINDS)
+    compiles = ", ".join(f"{k} {d['compile_s'][k]:.0f} s" for k in KINDS)
+    same = ", ".join(f"{k} {d['same'][k]}" for k in KINDS)
+    lines += ["", f"Compiled / eager: {ratios}. Compile time (first step, kept out of tok/s): {compiles}. "
+              f"Greedy tokens equal to eager's: {same}.", "",
               f"Where one eager bf16 step's time goes: {p['wall_ms']:.1f} ms a step without the profiler, of "
               f"which {p['op_ms']:.1f} ms ({p['op_ms'] / p['wall_ms']:.0%}) inside ops (the profiler's self CPU "
               f"time; {p['profiled_ms']:.1f} ms a step under it); the rest is Python and dispatch between ops. "
               "The ops' time by op:", "", "| op | share of op time | calls a step |", "|---|---|---|"]
     lines += [f"| `{name}` | {share:.0%} | {calls} |" for name, share, calls in p["ops"]]
+    for kind, c in d["compiled_profiles"].items():
+        lines += ["", f"The compiled {kind} step: {c['wall_ms']:.1f} ms a step without the profiler, "
+                  f"{c['op_ms']:.1f} ms ({c['op_ms'] / c['wall_ms']:.0%}) inside ops. `graph_0_...` rows are "
+                  "kernels inductor generated (its GEMM templates and fused pointwise ops), `aten::` rows the "
+                  "library kernels the graph calls; "
+                  "`## Call CompiledFxGraph` and `TorchDynamo Cache Lookup` are the graph's entry (guards and "
+                  "its Python wrapper):", "", "| op | share of op time | calls a step |", "|---|---|---|"]
+        lines += [f"| `{name}` | {share:.0%} | {calls} |" for name, share, calls in c["ops"]]
     return "\n".join(lines)
 
 
