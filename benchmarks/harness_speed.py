@@ -9,7 +9,9 @@ HellaSwag's shape (a context of a few lines, four one-line endings), generation 
 string, and rolling perplexity of documents longer than the context. Each task is a whole
 `simple_evaluate` run (lm-eval's own per-run work, the same for both, included); the
 contenders alternate round by round in one process, and the table reports medians, whether
-both gave the same metrics, and the largest log-likelihood difference. Writes its table into
+both gave the same metrics, and the largest log-likelihood difference. It also times the model's
+own method inside each run (`loglikelihood`, `generate_until`, `loglikelihood_rolling`): the
+rest of a run is lm-eval's per-run work, which no model class can shorten. Writes its table into
 docs/benchmarks.md between <!-- harness_speed:begin --> and <!-- harness_speed:end -->.
 """
 
@@ -104,6 +106,23 @@ def agreement(a: dict, b: dict, task: str) -> tuple[bool, str]:
     return same, f"log-likelihoods within {diff:.1e} ({rel:.0e} relative)"
 
 
+METHODS = ("loglikelihood", "generate_until", "loglikelihood_rolling")
+
+
+def time_methods(model, seconds: list[float]) -> None:
+    """Wrap the model's request methods so each call adds its wall time to seconds[-1]."""
+    for name in METHODS:
+        method = getattr(model, name)
+
+        def timed(*args, _method=method, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                seconds[-1] += time.perf_counter() - t0
+        setattr(model, name, timed)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -130,30 +149,44 @@ def main() -> None:
         models = {"lmforge": LMForgeLM(run=str(run), batch_size=args.batch_size),
                   "hf": HFLM(pretrained=str(hf_dir), batch_size=args.batch_size, device="cpu", dtype="float32")}
         times: dict[tuple[str, str], list[float]] = {}
+        inside = {name: [] for name in models}  # seconds inside the model's methods, per run
+        for name, model in models.items():
+            time_methods(model, inside[name])
+        in_model: dict[tuple[str, str], list[float]] = {}
         last: dict[tuple[str, str], dict] = {}
         for r in range(args.rounds):
             for label, task in names.items():
                 for name in (("lmforge", "hf") if r % 2 == 0 else ("hf", "lmforge")):
+                    inside[name].append(0.0)
                     t0 = time.perf_counter()
                     last[label, name] = simple_evaluate(model=models[name], tasks=[task], task_manager=manager,
                                                         log_samples=True)
                     times.setdefault((label, name), []).append(time.perf_counter() - t0)
-                    print(f"round {r + 1} {label:<18} {name:<8} {times[label, name][-1]:6.2f} s", flush=True)
+                    in_model.setdefault((label, name), []).append(inside[name][-1])
+                    print(f"round {r + 1} {label:<18} {name:<8} {times[label, name][-1]:6.2f} s "
+                          f"({inside[name][-1]:.2f} s in the model)", flush=True)
 
-    rows = ["| task | requests | lmforge s | `hf` s | speed-up | same metrics | agreement |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| task | requests | lmforge s | `hf` s | speed-up | in the model: lmforge s | `hf` s | speed-up "
+            "| same metrics | agreement |", "|---|---|---|---|---|---|---|---|---|---|"]
     total = {"lmforge": 0.0, "hf": 0.0}
+    total_model = {"lmforge": 0.0, "hf": 0.0}
     for label, task in names.items():
         med = {n: statistics.median(times[label, n]) for n in ("lmforge", "hf")}
+        mod = {n: statistics.median(in_model[label, n]) for n in ("lmforge", "hf")}
         for n in total:
             total[n] += med[n]
+            total_model[n] += mod[n]
         same, agree = agreement(last[label, "lmforge"], last[label, "hf"], task)
         n_req = sum(len(s["resps"]) for s in last[label, "hf"]["samples"][task])
         rows.append(f"| {label} | {n_req} | {med['lmforge']:.2f} | {med['hf']:.2f} | "
-                    f"{med['hf'] / med['lmforge']:.2f}x | {'yes' if same else 'no'} | {agree} |")
-    rows.append(f"| all three | | {total['lmforge']:.2f} | {total['hf']:.2f} | {total['hf'] / total['lmforge']:.2f}x | | |")
+                    f"{med['hf'] / med['lmforge']:.2f}x | {mod['lmforge']:.2f} | {mod['hf']:.2f} | "
+                    f"{mod['hf'] / mod['lmforge']:.2f}x | {'yes' if same else 'no'} | {agree} |")
+    rows.append(f"| all three | | {total['lmforge']:.2f} | {total['hf']:.2f} | {total['hf'] / total['lmforge']:.2f}x "
+                f"| {total_model['lmforge']:.2f} | {total_model['hf']:.2f} | "
+                f"{total_model['hf'] / total_model['lmforge']:.2f}x | | |")
     note = (f"GPT-2 124M shape, fp32, batch size {args.batch_size} for both; medians of {args.rounds} rounds, "
-            "each a whole `simple_evaluate` run of one task (lm-eval's own per-run work included).")
+            "each a whole `simple_evaluate` run of one task (lm-eval's own per-run work included); *in the model*: "
+            "the part of that run spent inside the model class's request method.")
     publish(args, {"harness_speed": block(command_line("benchmarks/harness_speed.py"), "\n".join(rows), note)})
 
 
