@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lmforge import GPT, GPTConfig
-from lmforge.models.decoding import Int4Linear, Int8Linear, PackedLinear, can_pack, prepare_for_decoding
+from lmforge.models.decoding import (BatchPackedLinear, Int4Linear, Int8Linear, PackedLinear, can_batch_pack, can_pack,
+                                     prepare_for_batches, prepare_for_decoding)
 
 TINY = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=64)
 LLAMA = dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False)
@@ -216,3 +217,54 @@ print(rss("VmHWM") - floor)
 """
     above = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert above < 1.4 * size, f"{above / size:.2f} x S resident at the peak"
+
+
+needs_onednn = pytest.mark.skipif(not can_batch_pack(torch.zeros(1)), reason="torch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 2, 16, 32, 33, 200])
+def test_batch_packed_linear_is_the_plain_product(rows):
+    """Every row count, whichever kernel it takes (packed for 2-32 rows), gives x W^T + b."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 136)
+    layer = BatchPackedLinear(lin)
+    x = torch.randn(rows, 3, 96)[:, 0]  # a strided input
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ lin.weight.T + lin.bias, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer(x[None]), (x @ lin.weight.T + lin.bias)[None], atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_batch_packed_linear_trains_as_a_plain_linear():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 80)
+    ref = copy.deepcopy(lin)
+    layer = BatchPackedLinear(lin)
+    x = torch.randn(4, 48)
+    layer(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    torch.testing.assert_close(lin.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(lin.bias.grad, ref.bias.grad)
+
+
+@needs_onednn
+def test_prepare_for_batches_keeps_ties_names_and_tokens(model):
+    idx = torch.randint(0, 97, (8, 6))
+    batched = copy.deepcopy(model)
+    assert prepare_for_batches(batched)
+    assert isinstance(batched.blocks[0].mlp.fc, BatchPackedLinear)
+    assert isinstance(batched.lm_head, BatchPackedLinear) and batched.lm_head.weight is batched.tok_emb.weight
+    assert batched.state_dict().keys() == model.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(batched(idx), model(idx), atol=1e-5, rtol=1e-5)
+        for b in (1, 4, 8):  # the steps take the packed kernel from 2 rows on
+            assert torch.equal(batched.generate(idx[:b], 20, temperature=0.0), model.generate(idx[:b], 20, temperature=0.0))
+
+
+def test_prepare_for_batches_leaves_bf16_and_int8_alone(model):
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    assert not prepare_for_batches(bf16)
+    int8 = prepare_for_decoding(copy.deepcopy(model), int8=True)
+    assert not prepare_for_batches(int8)
+    assert not any(isinstance(m, BatchPackedLinear) for m in (*bf16.modules(), *int8.modules()))

@@ -58,6 +58,7 @@ def model_class() -> type:
     from .chat import chat_format
     from .checkpoint import load_run, read_run_config
     from .generation import eos_ids
+    from .models.decoding import prepare_for_batches
     from .train.trainer import resolve_device
 
     @register_model("lmforge")
@@ -86,6 +87,8 @@ def model_class() -> type:
                     raise LMForgeError(f"dtype must be float32, bfloat16, float16 or auto, not {dtype!r}")
                 model, tokenizer = load_run(run, adapter=adapter, device=resolve_device(device or "auto"),
                                             dtype=None if dtype == "auto" else getattr(torch, dtype))
+                if _parse_batch_size(batch_size) > 1:  # its batched steps: a packed copy of fp32 weights
+                    prepare_for_batches(model)
                 generation = read_run_config(run).get("generation")
                 chat = chat_format(tokenizer, run)
             if not hasattr(model, "make_cache"):

@@ -65,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     if args.draft_tokens < 1:
         raise LMForgeError(f"--draft-tokens must be >= 1, not {args.draft_tokens}")
     model, tok = load_for_inference(args)
+    if args.max_batch > 1 and not args.compile:  # batched steps: fp32 weights get a packed copy
+        from ..models.decoding import prepare_for_batches
+
+        prepare_for_batches(model)
     draft = None
     if args.draft is not None:
         from .sample import load_draft

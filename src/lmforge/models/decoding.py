@@ -3,6 +3,7 @@ cache, then feed one token at a time."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Iterator
 
@@ -98,6 +99,63 @@ class PackedLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+# A batched step (serving several streams, the harness's batches) multiplies each weight by a
+# few rows instead of one. For fp32 the BLAS kernel that wins for one row and for prefill-sized
+# products reads the weights far more slowly at 2-32 rows, where oneDNN's packed kernel does
+# better (benchmarks/batched_step.py); so a batched decoder keeps both layouts.
+SMALL_BATCH = range(2, 33)
+
+
+class BatchPackedLinear(nn.Module):
+    """An fp32 linear layer that also holds its weight in oneDNN's packed layout and uses it
+    for products of 2-32 rows; one row and prefill-sized products keep using `weight` (the
+    same Parameter: state_dict and tying unchanged). Costs the weight's size again in memory.
+    With autograd recording and a weight that needs gradients it is a plain linear layer."""
+
+    def __init__(self, linear: nn.Linear, rows: range = SMALL_BATCH):
+        super().__init__()
+        self.weight, self.bias, self.rows = linear.weight, linear.bias, rows
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows.stop - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] not in self.rows or (torch.is_grad_enabled() and self.weight.requires_grad):
+            return F.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.detach()
+        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def can_batch_pack(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def available_memory() -> int:
+    """Bytes the kernel could give this process now (MemAvailable: free plus reclaimable cache)."""
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+
+
+def prepare_for_batches(model: nn.Module) -> bool:
+    """For a model that will decode several sequences at once (a server, the harness): give
+    its fp32 CPU linear layers a packed copy (`prepare_for_decoding(batched=True)`) if that copy
+    takes at most half of the free memory. Returns whether it did. The copy is taken now:
+    later changes to the weights do not reach it."""
+    weights = [m.weight for m in model.modules() if type(m) is nn.Linear and can_batch_pack(m.weight)]
+    extra = sum({w.data_ptr(): w.numel() * w.element_size() for w in weights}.values())  # tied: once
+    if not weights or 2 * extra > available_memory():
+        return False
+    prepare_for_decoding(model, batched=True)
+    return True
+
+
 def _seconds(f, reps: int = 5) -> float:
     f()  # warm-up: first-call allocations, oneDNN primitive creation
     best = float("inf")
@@ -122,7 +180,7 @@ def packing_is_faster(weight: torch.Tensor, margin: float = 1.1) -> bool:
 @torch.no_grad()
 def prepare_for_decoding(model: nn.Module, dtype: torch.dtype | None = None, int8: bool = False,
                          packed: bool | None = None, int4: bool = False, group_size: int = 64,
-                         on_packed: Callable[[PackedLinear], None] | None = None) -> nn.Module:
+                         on_packed: Callable[[PackedLinear], None] | None = None, batched: bool = False) -> nn.Module:
     """Re-lay a model's weights for fast token-by-token inference, in place; returns it in eval
     mode. For inference only; outputs are unchanged up to float rounding.
     - dtype: e.g. torch.bfloat16 halves the bytes read per token; on a CPU each plain nn.Linear
@@ -133,7 +191,9 @@ def prepare_for_decoding(model: nn.Module, dtype: torch.dtype | None = None, int
       stays the usual (out, in) tensor as a view, so names, tying and state_dict are unchanged);
     - int8: replace each plain nn.Linear by an Int8Linear (weight-only quantisation);
     - int4: by an Int4Linear (group-wise scales, `group_size` inputs per group; CPU), or by an
-      Int8Linear where its input width is not a multiple of group_size.
+      Int8Linear where its input width is not a multiple of group_size;
+    - batched: for decoding several sequences at once, each fp32 nn.Linear on a CPU becomes a
+      BatchPackedLinear (a second, packed copy of its weight for products of 2-32 rows).
     `on_packed` is called with each new PackedLinear, before the next layer is laid out (the
     loader uses it to let go of the pages the packing read)."""
     if int8 and int4:
@@ -158,6 +218,8 @@ def prepare_for_decoding(model: nn.Module, dtype: torch.dtype | None = None, int
                 setattr(parent, name, Int4Linear(child, group_size))
             elif int8 or int4:
                 setattr(parent, name, Int8Linear(child))
+            elif batched and can_batch_pack(w):
+                setattr(parent, name, BatchPackedLinear(child))
             elif pack(w):
                 setattr(parent, name, PackedLinear(child))
                 if on_packed is not None:
