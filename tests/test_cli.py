@@ -33,7 +33,12 @@ def test_end_to_end(tmp_path, small_corpus, capsys):
     assert capsys.readouterr().out == first  # same seed, same text
     assert run_cli("sample", "--run", run, "--prompt", "ROMEO:", "--max-new-tokens", "20",
                    "--temperature", "0", "--stream") == 0
-    assert capsys.readouterr().out.startswith("ROMEO:")
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("ROMEO:")
+    # several samples decode as one batch (its fp32 weights get a packed copy): greedy, each is the one above
+    assert run_cli("sample", "--run", run, "--prompt", "ROMEO:", "--max-new-tokens", "20",
+                   "--temperature", "0", "--num-samples", "3") == 0
+    assert capsys.readouterr().out == "".join(f"--- sample {i} ---\n{greedy}" for i in (1, 2, 3))
     assert run_cli("eval", "--run", run, "--data", data, "--no-progress") == 0
     out = capsys.readouterr().out
     assert "val loss" in out and "perplexity" in out

@@ -83,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
     if args.system is not None and not args.chat:
         raise LMForgeError("--system needs --chat")
     model, tok = load_for_inference(args)
+    if args.num_samples > 1 and not args.stream and not args.compile:  # decoded as one batch
+        from ..models.decoding import prepare_for_batches
+
+        prepare_for_batches(model)
     fmt = chat_format(tok, args.run)  # the run's end-of-sequence ids, and its chat template
     prompt, shown, stop = args.prompt, args.prompt, list(args.stop)
     if args.chat:
