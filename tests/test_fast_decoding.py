@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge import GPT, GPTConfig
-from lmforge.models.decoding import (BatchPackedLinear, Int4Linear, Int8Linear, PackedLinear, can_batch_pack, can_pack,
+from lmforge.models.decoding import (BatchPackedLinear, Int4Linear, Int8Linear, PackedLinear, can_pack,
                                      prepare_for_batches, prepare_for_decoding)
 
 TINY = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=64)
@@ -219,7 +219,7 @@ print(rss("VmHWM") - floor)
     assert above < 1.4 * size, f"{above / size:.2f} x S resident at the peak"
 
 
-needs_onednn = pytest.mark.skipif(not can_batch_pack(torch.zeros(1)), reason="torch built without oneDNN")
+needs_onednn = pytest.mark.skipif(not can_pack(torch.zeros(1), torch.float32), reason="torch built without oneDNN")
 
 
 @needs_onednn

@@ -74,9 +74,9 @@ def generate_ids(model, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> tor
 # against 4.8 ms packed; GPT-2's MLP down-projection 0.27 ms packed against 0.38 ms).
 
 
-def can_pack(weight: torch.Tensor) -> bool:
-    """oneDNN's packed bf16 linear: CPU builds with mkldnn only."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+def can_pack(weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """oneDNN's packed linear for a CPU weight of `dtype`: CPU builds with mkldnn only."""
+    return (weight.device.type == "cpu" and weight.dtype == dtype and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
@@ -127,17 +127,13 @@ class BatchPackedLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def can_batch_pack(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-
-
 def available_memory() -> int:
     """Bytes the kernel could give this process now (MemAvailable: free plus reclaimable cache)."""
     try:
-        for line in open("/proc/meminfo", encoding="ascii"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
@@ -148,7 +144,7 @@ def prepare_for_batches(model: nn.Module) -> bool:
     its fp32 CPU linear layers a packed copy (`prepare_for_decoding(batched=True)`) if that copy
     takes at most half of the free memory. Returns whether it did. The copy is taken now:
     later changes to the weights do not reach it."""
-    weights = [m.weight for m in model.modules() if type(m) is nn.Linear and can_batch_pack(m.weight)]
+    weights = [m.weight for m in model.modules() if type(m) is nn.Linear and can_pack(m.weight, torch.float32)]
     extra = sum({w.data_ptr(): w.numel() * w.element_size() for w in weights}.values())  # tied: once
     if not weights or 2 * extra > available_memory():
         return False
@@ -218,7 +214,7 @@ def prepare_for_decoding(model: nn.Module, dtype: torch.dtype | None = None, int
                 setattr(parent, name, Int4Linear(child, group_size))
             elif int8 or int4:
                 setattr(parent, name, Int8Linear(child))
-            elif batched and can_batch_pack(w):
+            elif batched and can_pack(w, torch.float32):
                 setattr(parent, name, BatchPackedLinear(child))
             elif pack(w):
                 setattr(parent, name, PackedLinear(child))
